@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
                         logger=logger, enable_checkpointing=False, num_sanity_val_steps=0,
                         val_check_interval=cfg.train.val_every, check_val_every_n_epoch=None,
                         gradient_clip_val=cfg.train.grad_clip, log_every_n_steps=1,
+                        limit_val_batches=cfg.train.val_batches or None,
                         enable_model_summary=False, default_root_dir=str(run_dir))
     trainer.fit(system, train_loader, val_loader)
     print(f"trained {cfg.train.steps} steps [{time.time() - t0:.0f}s]")

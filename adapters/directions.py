@@ -82,7 +82,8 @@ def collect(model, tokenizer, pairs, layers: list[str], max_length: int, batch_s
     neg = {n: [] for n in layers}
     for batch in loader:
         with hidden.record(model, layers) as hs:
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  logits_to_keep=1)  # only hidden states are used: skip the full-vocabulary logits
         for n in layers:
             h = pool(hs[n].float(), batch["suffix_mask"].to(device), token, last_k)  # (2B, D)
             p, q = h.chunk(2)
@@ -155,7 +156,7 @@ def compute(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, fing
     layers = hidden.resolve(model, cfg.candidates, cfg.depth)
     layers += [l for l in hidden.resolve(model, cfg.explicit) if l not in layers] if cfg.explicit else []
     kw = dict(max_length=max_length, batch_size=cfg.batch_size, token=cfg.token, last_k=cfg.last_k)
-    h_train = collect(model, tokenizer, train_pairs, layers, **kw)
+    h_train = collect(model, tokenizer, train_pairs[: cfg.max_pairs or None], layers, **kw)
     h_val = collect(model, tokenizer, val_pairs, layers, **kw)
     vectors, scale, stats = {}, {}, {}
     for l in layers:

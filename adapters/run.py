@@ -38,7 +38,10 @@ def load_adapter(model, path: str | Path, directions=None):
         raise RunError(f"{path} was trained on a different base model (fingerprint {meta.get('fingerprint')}, "
                        f"this model {have}); load it onto the base model named in its run's config.yaml")
     cfg = AdapterConfig(**meta["adapter"])
-    model, adapter = attach(model, cfg, directions)
+    # the saved tensors replace whatever attach initialises, so loading never needs the
+    # directions (init=directions used to make load_run fail for such additive adapters)
+    model, adapter = attach(model, dataclasses.replace(cfg, init="zeros"), directions)
+    adapter.cfg = cfg
     adapter.load_state_tensors(tensors)
     return model, adapter
 

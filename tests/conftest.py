@@ -1,0 +1,130 @@
+"""Shared fixtures: the bundled tokenizer, tiny random Llamas saved to disk, the bundled model.
+
+Everything is offline. The tiny models are built from a config (random weights, fp32,
+seeded), saved once per session together with the bundled SmolLM2 tokenizer, so anything
+that takes ``model.name`` (load_base, train.py, load_run) can point at their folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers / datasets / wandb: nothing may download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from adapters import models
+from adapters.config import AdapterConfig, DirectionsConfig
+from adapters.data import PairCollator, builtin_suffixes, encode_pairs, persona_pairs
+
+torch.set_num_threads(2)
+
+TEMPLATE = "Pretend you're {persona} person making statements about the world."
+POSITIVE, NEGATIVE = "an honest", "a dishonest"
+
+# Adapter layers for the tiny model, per kind. Kinds not listed here (peft-style kinds that
+# act on Linear modules) get LINEAR_LAYERS; a new residual-stream kind must add itself.
+LINEAR_LAYERS = ["model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"]
+TINY_ADAPTER_LAYERS = {"additive": ["model.layers.{N}"], "lora": LINEAR_LAYERS}
+
+
+def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
+    return AdapterConfig(kind=kind, layers=TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS),
+                         depth=[0.0, 1.0], r=4, alpha=8.0, **kw)
+
+
+def tiny_directions_cfg(**kw) -> DirectionsConfig:
+    kw = {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2, "batch_size": 8,
+          "max_pairs": 0, **kw}
+    return DirectionsConfig(**kw)
+
+
+def make_pairs(n: int, start: int = 0):
+    return persona_pairs(builtin_suffixes()[start:start + n], TEMPLATE, POSITIVE, NEGATIVE)
+
+
+def make_batch(tokenizer, n: int = 3, start: int = 0) -> dict[str, torch.Tensor]:
+    """A real left-padded [pos; neg] batch of n pairs (2n rows)."""
+    enc = encode_pairs(tokenizer, make_pairs(n, start), max_length=96)
+    return PairCollator(tokenizer.pad_token_id)(enc)
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@torch.no_grad()
+def randomize(adapter, std: float = 0.05, seed: int = 0) -> None:
+    """Give every adapter parameter a random non-zero value (LoRA's B is zero at init)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in adapter.trainable_parameters():
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+def base_clone(model) -> dict[str, torch.Tensor]:
+    """A copy of every base tensor under the base model's own names (peft prefixes removed)."""
+    return {models.BaseChecksum._key(n): t.detach().clone() for n, t in models.base_tensors(model).items()}
+
+
+def build_tiny(folder, tokenizer, seed: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled SmolLM2 tokenizer (converts the bundled GGUF once into the cache)."""
+    from transformers import AutoTokenizer
+
+    folder = models.resolve_source("bundled")
+    return models.prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> str:
+    return build_tiny(tmp_path_factory.mktemp("tiny-llama"), tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory, tokenizer) -> str:
+    """Same architecture as tiny_dir, different random weights: a different base model."""
+    return build_tiny(tmp_path_factory.mktemp("tiny-llama-other"), tokenizer, seed=1)
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """(model, tokenizer): a fresh frozen fp32 copy of the tiny random Llama."""
+    return models.load_base(tiny_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_directions(tiny_dir):
+    """Reference directions of the tiny model (16 train / 8 val pairs, all 4 residual layers)."""
+    from adapters import directions as dirs
+
+    model, tok = models.load_base(tiny_dir, dtype="float32", device="cpu")
+    fp = models.base_fingerprint(model)
+    return dirs.compute(model, tok, make_pairs(16), make_pairs(8, start=16), tiny_directions_cfg(),
+                        max_length=96, fingerprint=fp)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """(model, tokenizer): the bundled SmolLM2-135M-Instruct in fp32, loaded once."""
+    return models.load_base("bundled", dtype="float32", device="cpu")

@@ -1,0 +1,86 @@
+"""Base-weights checksum (any change to any element is caught and named) and fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.models import BaseChecksum, BaseModelChanged, base_fingerprint, load_base, tensor_checksum
+from conftest import randomize, tiny_adapter_cfg
+from adapters.tuners import attach
+
+
+def plant(model, name: str, index=(0, 0), delta: float = 1e-3) -> None:
+    """Add `delta` to one element of the named tensor, in place."""
+    t = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        t[index] += delta
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight",
+                                  "model.layers.3.input_layernorm.weight", "lm_head.weight"])
+def test_checksum_catches_one_element(tiny, name):
+    model, _ = tiny
+    checksum = BaseChecksum(model)
+    checksum.verify(model)  # clean
+    t = dict(model.named_parameters())[name]
+    index = (5,) if t.dim() == 1 else (7, 3)
+    plant(model, name, index)
+    with pytest.raises(BaseModelChanged, match="changed: " + name.replace(".", r"\.")) as e:
+        checksum.verify(model, "after planting")
+    msg = str(e.value)
+    assert "after planting" in msg
+    named = msg.split("changed: ")[1].split(". Something")[0]
+    assert named == name, f"only the planted tensor should be named: {msg}"
+
+
+def test_checksum_catches_tiny_changes_and_swaps():
+    t = torch.randn(1000)
+    base = tensor_checksum(t)
+    assert tensor_checksum(t.clone()) == base
+    u = t.clone()
+    u[17] = torch.nextafter(u[17], torch.tensor(float("inf")))  # one ulp
+    assert tensor_checksum(u) != base
+    w = t.clone()
+    w[[3, 900]] = w[[900, 3]]  # a swap across chunks keeps the plain sum
+    assert tensor_checksum(w)[0] == base[0]
+    assert tensor_checksum(w) != base
+    z = t.clone()
+    z[0] = -z[0]  # sign bit
+    assert tensor_checksum(z) != base
+
+
+def test_checksum_through_lora_wrapper(tiny):
+    model, _ = tiny
+    checksum = BaseChecksum(model)
+    model, adapter = attach(model, tiny_adapter_cfg("lora"))
+    randomize(adapter)  # adapter tensors are not base tensors: changing them is allowed
+    checksum.verify(model, "after attaching LoRA")
+    BaseChecksum(model).verify(model)  # a checksum taken on the peft model works too
+
+    wrapped = "base_model.model.model.layers.2.self_attn.o_proj.base_layer.weight"
+    assert wrapped in dict(model.named_parameters())
+    plant(model, wrapped, (1, 1))
+    with pytest.raises(BaseModelChanged, match=r"changed: model\.layers\.2\.self_attn\.o_proj\.weight"):
+        checksum.verify(model)
+
+
+def test_checksum_names_a_missing_tensor(tiny):
+    model, _ = tiny
+    checksum = BaseChecksum(model)
+    del model.model.layers[3].mlp.up_proj.weight
+    with pytest.raises(BaseModelChanged, match=r"missing: model\.layers\.3\.mlp\.up_proj\.weight"):
+        checksum.verify(model)
+
+
+def test_fingerprint_is_dtype_independent_and_model_specific(tiny_dir, other_tiny_dir):
+    fp32, _ = load_base(tiny_dir, dtype="float32", device="cpu")
+    bf16, _ = load_base(tiny_dir, dtype="bfloat16", device="cpu")
+    other, _ = load_base(other_tiny_dir, dtype="float32", device="cpu")
+    assert bf16.dtype == torch.bfloat16
+    assert base_fingerprint(fp32) == base_fingerprint(bf16)
+    assert base_fingerprint(fp32) != base_fingerprint(other)
+    # attaching an adapter does not change which base model this is
+    before = base_fingerprint(fp32)
+    wrapped, _ = attach(fp32, tiny_adapter_cfg("lora"))
+    assert base_fingerprint(wrapped) == before

@@ -1,0 +1,148 @@
+"""Typed config: every YAML in configs/ parses and round-trips; unknown keys suggest the
+closest valid key; command-line overrides; bad values are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapters.config import (Config, ConfigError, config_from_dict, dump_config, load_config,
+                             parse_overrides)
+from adapters.tuners import KINDS
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS, "configs/ holds no YAML files"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    out = tmp_path / "config.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    dump_config(again, tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_text() == out.read_text()
+
+
+def test_defaults_round_trip(tmp_path):
+    dump_config(Config(), tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == Config()
+    assert load_config(None) == Config()
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,typo,suggestion", [
+    ("train:\n  stpes: 3\n", "stpes", "steps"),
+    ("trian:\n  steps: 3\n", "trian", "train"),
+    ("loss:\n  w_shfit: 1.0\n", "w_shfit", "w_shift"),
+    ("adapter:\n  kidn: lora\n", "kidn", "kind"),
+])
+def test_unknown_key_suggests_closest(tmp_path, text, typo, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert repr(typo) in msg and f"did you mean {suggestion!r}" in msg, msg
+
+
+def test_unknown_override_key_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(None, parse_overrides(["--train.stpes", "3"]))
+
+
+@pytest.mark.parametrize("args", [["--train.steps", "3"], ["--train.steps=3"]])
+def test_overrides(args):
+    cfg = load_config(None, parse_overrides(args))
+    assert cfg.train.steps == 3 and isinstance(cfg.train.steps, int)
+
+
+def test_overrides_apply_over_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n  lr: 0.01\n")
+    cfg = load_config(path, parse_overrides(["--train.steps", "7", "--adapter.depth", "[0.5, 0.9]",
+                                             "--eval.coeffs=-1,0,1", "--log.name", "x"]))
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.01
+    assert cfg.adapter.depth == [0.5, 0.9]
+    assert cfg.eval.coeffs == [-1.0, 0.0, 1.0]
+    assert cfg.log.name == "x"
+
+
+@pytest.mark.parametrize("key,value", [("data.system", "No"), ("log.name", "0123"), ("log.name", "yes"),
+                                       ("log.name", "null"), ("data.template", "{persona} speaking."),
+                                       ("data.positive", "1.5")])
+def test_string_overrides_stay_strings(key, value):
+    """Overrides are parsed for the field's type, not as YAML: `--data.system No` is 'No'."""
+    cfg = load_config(None, parse_overrides([f"--{key}", value]))
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_whole_section_override():
+    cfg = load_config(None, parse_overrides(["--train", "{steps: 4, lr: 0.01}"]))
+    assert cfg.train.steps == 4 and cfg.train.lr == 0.01
+
+
+def test_override_parse_errors():
+    with pytest.raises(ConfigError, match="adapter.depth"):
+        load_config(None, parse_overrides(["--adapter.depth", "[0.5, 0.9"]))
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--train.steps"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["train.steps", "3"])
+
+
+def test_unknown_adapter_kind_lists_kinds():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, parse_overrides(["--adapter.kind", "lorra"]))
+    for kind in KINDS:
+        assert repr(kind) in str(e.value)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"eval": {"coeffs": [-1.0, 1.0, 2.0]}}, "must contain 0"),
+    ({"eval": {"coeffs": [-1.0, 0.0]}}, "at least 3"),
+    ({"train": {"lr": float("nan")}}, "lr"),
+    ({"train": {"lr": "nan"}}, "lr"),
+    ({"train": {"lr": -1e-3}}, "lr"),
+    ({"train": {"steps": 0}}, "steps"),
+    ({"train": {"steps": 2.5}}, "integer"),
+    ({"train": {"steps": True}}, "integer"),
+    ({"model": {"dtype": "float8"}}, "float32"),
+    ({"directions": {"method": "pca"}}, "pca_diff"),
+    ({"directions": {"depth": [0.9, 0.2]}}, "depth"),
+    ({"directions": {"select": "explicit"}}, "explicit"),
+    ({"loss": {"bound": "sigmoid"}}, "clamp"),
+    ({"loss": {"w_contrast": 0.0, "w_shift": 0.0}}, "w_shift"),
+    ({"data": {"template": "no persona here"}}, "persona"),
+    ({"data": {"positive": "x", "negative": "x"}}, "differ"),
+    ({"log": {"wandb": "yes"}}, "offline"),
+    ({"eval": {"enabled": "maybe"}}, "true/false"),
+    ({"train": "fast"}, "mapping"),
+])
+def test_bad_values_raise(data, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(data)
+
+
+def test_nan_lr_from_the_command_line():
+    for value in ("nan", ".nan", "inf"):
+        with pytest.raises(ConfigError, match="lr"):
+            load_config(None, parse_overrides(["--train.lr", value]))
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1,\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))

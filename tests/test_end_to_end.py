@@ -1,0 +1,124 @@
+"""Smoke test of the real entry points: train.py on a tiny config, load_run, the generate CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import adapters
+from adapters import __main__ as cli
+from adapters.config import load_config
+from adapters.io import load_tensors
+from adapters.models import base_fingerprint, load_base
+from adapters.steer import steer
+from conftest import TINY_ADAPTER_LAYERS, LINEAR_LAYERS, logits, make_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FILES = ["config.yaml", "directions.safetensors", "directions.json", "adapter.safetensors",
+             "report.md", "report.csv", "report.json", "report.png"]
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("contrastive_adapters_train", ROOT / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_config(tiny_dir: str, runs_dir: Path, kind: str) -> dict:
+    return {
+        "model": {"name": tiny_dir, "dtype": "float32", "device": "cpu"},
+        "data": {"max_pairs": 24},
+        "directions": {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2},
+        "adapter": {"kind": kind, "layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
+        "train": {"steps": 2, "val_every": 1, "batch_size": 4, "warmup": 0, "accelerator": "cpu"},
+        "eval": {"coeffs": [-1.0, 0.0, 1.0], "max_items": 3, "neutral_items": 2, "n_boot": 50},
+        "log": {"wandb": "disabled", "runs_dir": str(runs_dir), "name": f"tiny-{kind}"},
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg_path = tmp / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dir, tmp / "runs", "lora")))
+    run_dir = load_train_module().main(["--config", str(cfg_path)])
+    return Path(run_dir), cfg_path
+
+
+def test_train_writes_a_complete_run(lora_run, tiny_dir):
+    run_dir, cfg_path = lora_run
+    assert run_dir == cfg_path.parent / "runs" / "tiny-lora"
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    assert load_config(run_dir / "config.yaml") == load_config(cfg_path)
+
+    _, adapter_meta = load_tensors(run_dir / "adapter.safetensors")
+    _, directions_meta = load_tensors(run_dir / "directions.safetensors")
+    base, _ = load_base(tiny_dir, dtype="float32", device="cpu")
+    assert adapter_meta["kind"] == "lora"
+    assert adapter_meta["fingerprint"] == directions_meta["fingerprint"] == base_fingerprint(base)
+
+    report = json.loads((run_dir / "report.json").read_text())
+    methods = {r["method"] for r in report["summary"]}
+    assert {"adapter", "pca_vector", "prompting"} <= methods
+    assert {r["coeff"] for r in report["rows"] if r["method"] == "adapter"} == {-1.0, 0.0, 1.0}
+    assert "| method | slope | r2 | valid_frac | effect_size | p_value | score | min | max |" in \
+        (run_dir / "report.md").read_text()
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_run_at_zero_is_the_base_model(lora_run, tiny_dir, tokenizer):
+    run_dir, _ = lora_run
+    model, tok = adapters.load_run(run_dir, device="cpu")
+    base, _ = load_base(tiny_dir, dtype="float32", device="cpu")
+    batch = make_batch(tokenizer, n=2)
+    want = logits(base, batch)
+    with steer(model, 0):
+        got = logits(model, batch)
+    assert torch.equal(got, want)
+    with steer(model, 1.0):
+        moved = logits(model, batch)
+    assert not torch.equal(moved, want), "the trained adapter does nothing at c = 1"
+
+
+def test_generate_cli_prints_three_columns(lora_run, capsys):
+    run_dir, _ = lora_run
+    rc = cli.main(["generate", "--run", str(run_dir), "--coeff", "-1", "0", "1", "--max-new-tokens", "3",
+                   "--width", "120", "hi"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert ">>> hi" in out
+    header = next(line for line in out.splitlines() if "c = " in line)
+    cols = [c.strip() for c in header.split(" | ")]
+    assert cols == ["c = -1", "c = +0", "c = +1"]
+
+
+def test_generate_cli_errors(tmp_path, lora_run, capsys):
+    run_dir, _ = lora_run
+    assert cli.main(["generate", "--run", str(tmp_path), "hi"]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err
+    assert cli.main(["generate", "hi", "--run", str(run_dir), "--coeff", "nan"]) == 2
+    assert "finite" in capsys.readouterr().err
+
+
+def test_train_config_error_exits_cleanly(tmp_path):
+    with pytest.raises(SystemExit, match="did you mean 'steps'"):
+        load_train_module().main(["--train.stpes", "3", "--log.runs_dir", str(tmp_path)])
+
+
+def test_train_additive_kind(tiny_dir, tmp_path):
+    """The other built-in kind goes through the same entry point (evaluation off to stay fast)."""
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "additive")
+    cfg["eval"]["enabled"] = False
+    path = tmp_path / "additive.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = Path(load_train_module().main(["--config", str(path)]))
+    assert (run_dir / "adapter.safetensors").is_file()
+    model, _ = adapters.load_run(run_dir, device="cpu")
+    assert adapters.tuners.attached_adapter(model).kind == "additive"
