@@ -257,17 +257,27 @@ def adapter_method(model, coeffs, name="adapter") -> Method:
     return Method(name, list(coeffs), context=lambda c: steer(model, c))
 
 
+def _has_adapter(model) -> bool:
+    from .tuners.base import ATTR
+
+    return ATTR in model.__dict__
+
+
 def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vector") -> Method:
-    """An additive steering vector (name -> (D,)) with the model's own adapter off."""
-    from . import hidden
+    """An additive steering vector (name -> (D,)), applied by an unbound AdditiveAdapter,
+    with the model's own adapter off."""
+    from .tuners import AdditiveAdapter
+
+    dim = next(iter(vectors.values())).numel()
+    vec = AdditiveAdapter(model, None, list(vectors), dim).to(next(model.parameters()).device)
+    vec.load_state_tensors({f"additive_vectors.{k}": v for k, v in zip(vec.additive_vectors, vectors.values())})
 
     def ctx(c):
         stack = contextlib.ExitStack()
-        if "_contrastive_adapter" in model.__dict__:
+        if _has_adapter(model):
             stack.enter_context(steer(model, 0.0))
         if c != 0:
-            stack.enter_context(hidden.hooks(model, {
-                n: (lambda h, v=v: h + (c * v).to(h.device, h.dtype)) for n, v in vectors.items()}))
+            stack.enter_context(vec.apply(c))
         return stack
 
     return Method(name, list(coeffs), context=ctx)
@@ -275,7 +285,7 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
 
 def prompting_method(model, positive: str, negative: str, template: str = "You are {persona} person.") -> Method:
     systems = {-1.0: template.format(persona=negative), 0.0: "", 1.0: template.format(persona=positive)}
-    ctx = (lambda c: steer(model, 0.0)) if "_contrastive_adapter" in model.__dict__ else None
+    ctx = (lambda c: steer(model, 0.0)) if _has_adapter(model) else None
     return Method("prompting", [-1.0, 0.0, 1.0], context=ctx, system=lambda c: systems[float(c)])
 
 
