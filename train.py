@@ -100,12 +100,15 @@ def main(argv: list[str] | None = None) -> Path:
                         gradient_clip_val=cfg.train.grad_clip, log_every_n_steps=1,
                         limit_val_batches=cfg.train.val_batches or None,
                         enable_model_summary=False, default_root_dir=str(run_dir))
+    t_fit = time.time()
     trainer.fit(system, train_loader, val_loader)
+    t_fit = time.time() - t_fit
     print(f"trained {cfg.train.steps} steps [{time.time() - t0:.0f}s]")
 
     # 5. save (the base must be untouched), then evaluate
     checksum.verify(model, "before saving")
     save_adapter(run_dir, adapter, fingerprint)
+    t_eval = time.time()
     if cfg.eval.enabled:
         report = evaluate.evaluate_run(model, tok, directions, val_pairs, cfg)
         checksum.verify(model, "after evaluation")
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> Path:
             logger.experiment.log({"eval/summary": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in report.summary]),
                                    "eval/rows": wandb.Table(columns=list(report.rows[0]), data=[list(r.values()) for r in report.rows]),
                                    "eval/plot": wandb.Image(str(paths["png"]))})
-    write_json(run_dir / "timing.json", {"seconds": time.time() - t0})
+    write_json(run_dir / "timing.json", {
+        "seconds": time.time() - t0, "fit_seconds": t_fit, "step_seconds": t_fit / max(cfg.train.steps, 1),
+        "eval_seconds": time.time() - t_eval, "trainable_parameters": n_train, "kind": cfg.adapter.kind})
     if logger:
         logger.experiment.finish()
     print(f"done in {time.time() - t0:.0f}s: {run_dir}")

@@ -1,6 +1,11 @@
-"""Command line: ``python -m adapters generate --run runs/<name> --coeff -1 0 1 "prompt"``.
+"""Command line.
 
-Prints the generations at each coefficient side by side (one column per coefficient).
+    python -m adapters generate --run runs/<name> --coeff -1 0 1 "prompt"
+        generations at each coefficient, side by side (one column per coefficient)
+    python -m adapters export --run runs/<name> --format merged|peft|gguf --out PATH [--coeff C]
+        the adapter for serving (see adapters/export.py)
+    python -m adapters compare --config configs/compare/kinds.yaml [--force]
+        train several configs and tabulate them side by side (see adapters/compare.py)
 """
 
 from __future__ import annotations
@@ -52,7 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--system", default="", help="optional system prompt")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("prompt", nargs="+")
+    e = sub.add_parser("export", help="export a run's adapter for serving")
+    e.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    e.add_argument("--format", required=True, choices=["merged", "peft", "gguf"],
+                   help="merged: full model at --coeff; peft: peft adapter folder (LoRA: scale = coefficient); "
+                        "gguf: llama.cpp control vector (additive adapters)")
+    e.add_argument("--out", required=True, help="output folder (merged, peft) or .gguf file")
+    e.add_argument("--coeff", type=float, default=1.0, help="coefficient for merged / gguf (default 1)")
+    c = sub.add_parser("compare", help="train several configs and compare them in one table")
+    c.add_argument("--config", required=True, help="comparison config (e.g. configs/compare/kinds.yaml)")
+    c.add_argument("--force", action="store_true", help="retrain runs that already finished")
     args = ap.parse_args(argv)
+    if args.cmd == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(args)
+    if args.cmd == "export":
+        return export_main(args)
 
     from .run import RunError, load_run
     from .steer import CoefficientError, check_coeff
@@ -67,6 +88,33 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in args.prompt:
         print(f"\n>>> {prompt}\n")
         print(side_by_side(generate(model, tok, prompt, args.coeff, args.max_new_tokens, args.system), args.width))
+    return 0
+
+
+def export_main(args) -> int:
+    from . import export
+    from .models import base_fingerprint
+    from .run import RunError, load_run
+    from .steer import CoefficientError, check_coeff
+
+    try:
+        check_coeff(args.coeff)
+        model, tok = load_run(args.run)
+        fp = base_fingerprint(model)
+        if args.format == "merged":
+            path = export.save_merged(model, tok, args.out, args.coeff, fingerprint=fp)
+        elif args.format == "peft":
+            from .config import load_config
+            from pathlib import Path
+
+            name = load_config(Path(args.run) / "config.yaml").model.name
+            path = export.save_peft(model, args.out, fingerprint=fp, base_name=name)
+        else:
+            path = export.save_control_vector(model, args.out, args.coeff)
+    except (RunError, CoefficientError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.format} to {path}")
     return 0
 
 

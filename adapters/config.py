@@ -7,6 +7,7 @@ merges it over them, applies ``--section.key value`` overrides and returns a ``C
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -23,9 +24,20 @@ class ConfigError(ValueError):
     """A problem with the run configuration; the message says what to fix."""
 
 
+# While a whole config is being built, problems are collected here and reported together.
+_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+
+
+def _report(err: ConfigError) -> None:
+    problems = _PROBLEMS.get()
+    if problems is None:
+        raise err
+    problems.append(str(err))
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ConfigError(msg)
+        _report(ConfigError(msg))
 
 
 def _one_of(name: str, value: str, valid) -> None:
@@ -114,17 +126,31 @@ class DirectionsConfig:
 @dataclass
 class AdapterConfig:
     kind: str = "lora"
-    """lora | additive."""
+    """additive | lora | boft | oft | road | ether (see adapters/tuners/__init__.py)."""
     layers: list[str] = field(default_factory=lambda: [
         "model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"])
     """Modules the adapter acts on (patterns); {N} runs over `depth`. For additive vectors
     use residual modules such as model.layers.{N}."""
     depth: list[float] = field(default_factory=lambda: [0.4, 0.95])
     r: int = 8
+    """lora: rank."""
     alpha: float = 16.0
+    """lora: scaling numerator (peft's scaling = alpha / r)."""
     dropout: float = 0.0
+    """lora: dropout on the adapter input; boft: multiplicative block dropout."""
     init: str = "zeros"
     """additive only: zeros | directions (start from the reference direction, scale s_l)."""
+    block_size: int = 32
+    """boft / oft: size of the orthogonal blocks on the input side (must divide each input size)."""
+    group_size: int = 64
+    """road: output features are rotated in pairs within groups of this size (even, divides outputs)."""
+    road_variant: str = "road_1"
+    """road: road_1 (one angle and scale per pair: exact inverse at -c) | road_2 | road_4
+    (more parameters; -c only mirrors to first order)."""
+    n_blocks: int = 4
+    """ether: number of diagonal blocks of H (must divide the size it acts on)."""
+    side: str = "in"
+    """ether: in (W H(c), the paper's default) | out (H(c) W)."""
 
     def __post_init__(self):
         from .tuners import KINDS  # late import: tuners import config
@@ -136,6 +162,11 @@ class AdapterConfig:
         _check(self.r >= 1, "adapter.r must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "adapter.dropout must be in [0, 1)")
         _one_of("adapter.init", self.init, {"zeros", "directions"})
+        _check(self.block_size >= 2, "adapter.block_size must be >= 2")
+        _check(self.group_size >= 2 and self.group_size % 2 == 0, "adapter.group_size must be even and >= 2")
+        _one_of("adapter.road_variant", self.road_variant, {"road_1", "road_2", "road_4"})
+        _check(self.n_blocks >= 1, "adapter.n_blocks must be >= 1")
+        _one_of("adapter.side", self.side, {"in", "out"})
 
 
 @dataclass
@@ -325,13 +356,16 @@ def _build(cls, data: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(str(key), names, where)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+        try:  # a bad key or value is reported (with the others) and its default kept
+            if key not in names:
+                raise _unknown_key(str(key), names, where)
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+            else:
+                kwargs[key] = _coerce(value, tp, f"{where}{key}")
+        except ConfigError as e:
+            _report(e)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -339,7 +373,20 @@ def _build(cls, data: dict, where: str):
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data or {}, "")
+    """Build and validate a whole Config; every problem found is reported in one ConfigError."""
+    problems: list[str] = []
+    token = _PROBLEMS.set(problems)
+    try:
+        cfg = _build(Config, data or {}, "")
+    except ConfigError as e:
+        problems.append(str(e))
+    finally:
+        _PROBLEMS.reset(token)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -92,21 +92,33 @@ def replace_output(output, new: torch.Tensor):
 
 
 @contextlib.contextmanager
-def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
-    """Register `fn(hidden) -> new hidden | None` as a forward hook on each named module.
+def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]],
+          on: str = "output") -> Iterator[None]:
+    """Register `fn(hidden) -> new hidden | None` on each named module's output (a forward
+    hook) or, with ``on="input"``, on its first positional input (a forward pre-hook).
 
-    A hook that returns a tensor replaces the module's (first) output; hooks run in the
-    order they were registered, so an edit registered before a recording is recorded.
+    A hook that returns a tensor replaces the module's (first) output / input; hooks run in
+    the order they were registered, so an edit registered before a recording is recorded.
     Every hook is removed on exit, also when the body raises.
     """
+    if on not in ("output", "input"):
+        raise ValueError(f"hooks(on=...) must be 'output' or 'input', got {on!r}")
     handles = []
     try:
         for name, fn in fns.items():
-            def hook(_mod, _inp, output, fn=fn):
-                new = fn(output_tensor(output))
-                return None if new is None else replace_output(output, new)
+            mod = get_module(model, name)
+            if on == "output":
+                def hook(_mod, _inp, output, fn=fn):
+                    new = fn(output_tensor(output))
+                    return None if new is None else replace_output(output, new)
 
-            handles.append(get_module(model, name).register_forward_hook(hook))
+                handles.append(mod.register_forward_hook(hook))
+            else:
+                def pre_hook(_mod, args, fn=fn):
+                    new = fn(args[0])
+                    return None if new is None else (new,) + tuple(args[1:])
+
+                handles.append(mod.register_forward_pre_hook(pre_hook))
         yield
     finally:
         for h in handles:

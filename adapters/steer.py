@@ -52,6 +52,16 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
     c = check_coeff(coeff)
     if adapter.active:
         raise RuntimeError("steer() blocks cannot be nested; exit the outer block first")
+    if torch.is_tensor(c) and c.dim() == 1 and not adapter.per_example:
+        if c.numel() and bool((c.detach() == c.detach()[0]).all()):
+            c = c[0]  # one value for every row: the same function
+        else:
+            from .tuners import KINDS
+
+            batched = sorted(k for k, cls in KINDS.items() if cls.per_example)
+            raise CoefficientError(f"adapter kind {adapter.kind!r} takes one coefficient per forward pass, not "
+                                   "one per example; loop over the coefficients (kinds with per-example "
+                                   f"coefficients: {', '.join(batched)})")
     adapter.active = True
     try:
         with adapter.off() if is_zero(c) and not (torch.is_tensor(c) and c.requires_grad) else adapter.apply(c):

@@ -35,14 +35,27 @@ TINY_ADAPTER_LAYERS = {"additive": ["model.layers.{N}"], "lora": LINEAR_LAYERS}
 
 
 def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
-    return AdapterConfig(kind=kind, layers=TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS),
-                         depth=[0.0, 1.0], r=4, alpha=8.0, **kw)
+    kw = {"layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0], "r": 4, "alpha": 8.0, **kw}
+    return AdapterConfig(kind=kind, **kw)
 
 
 def tiny_directions_cfg(**kw) -> DirectionsConfig:
     kw = {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2, "batch_size": 8,
           "max_pairs": 0, **kw}
     return DirectionsConfig(**kw)
+
+
+def tiny_config(tiny_dir: str, runs_dir, kind: str) -> dict:
+    """A train.py config for the tiny model (2 steps, a 3-item evaluation)."""
+    return {
+        "model": {"name": tiny_dir, "dtype": "float32", "device": "cpu"},
+        "data": {"max_pairs": 24},
+        "directions": {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2},
+        "adapter": {"kind": kind, "layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
+        "train": {"steps": 2, "val_every": 1, "batch_size": 4, "warmup": 0, "accelerator": "cpu"},
+        "eval": {"coeffs": [-1.0, 0.0, 1.0], "max_items": 3, "neutral_items": 2, "n_boot": 50},
+        "log": {"wandb": "disabled", "runs_dir": str(runs_dir), "name": f"tiny-{kind}"},
+    }
 
 
 def make_pairs(n: int, start: int = 0):
@@ -66,6 +79,19 @@ def randomize(adapter, std: float = 0.05, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in adapter.trainable_parameters():
         p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    # multiplicative factors (BOFT's s, RoAd's α) start at 1 and must stay positive: 1 + noise
+    factors = [p for n, p in adapter.model.named_parameters() if n.split(".")[-2] in ("boft_s", "road_alpha")]
+    for p in factors:
+        p.add_(1.0)
+
+
+def attach_random(model, kind: str, seed: int = 0, std: float = 0.05, **cfg):
+    """Attach a ``kind`` adapter for the tiny model with random, non-identity parameters."""
+    from adapters.tuners import attach
+
+    model, adapter = attach(model, tiny_adapter_cfg(kind, **cfg))
+    randomize(adapter, std=std, seed=seed)
+    return model, adapter
 
 
 def base_clone(model) -> dict[str, torch.Tensor]:

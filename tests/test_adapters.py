@@ -17,7 +17,7 @@ from adapters.models import base_fingerprint, load_base
 from adapters.run import RunError, load_adapter, save_adapter
 from adapters.steer import CoefficientError, steer
 from adapters.tuners import KINDS, attach
-from conftest import logits, make_batch, randomize, tiny_adapter_cfg
+from conftest import attach_random, logits, make_batch, tiny_adapter_cfg
 
 ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
 
@@ -25,12 +25,6 @@ ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.fixture
 def batch(tokenizer):
     return make_batch(tokenizer, n=3)
-
-
-def attach_random(model, kind, seed=0, std=0.05):
-    model, adapter = attach(model, tiny_adapter_cfg(kind))
-    randomize(adapter, std=std, seed=seed)
-    return model, adapter
 
 
 def n_hooks(model) -> int:
@@ -225,10 +219,17 @@ def test_zero_tensor_coefficient_with_grad(tiny, batch, kind):
 
 @ALL_KINDS
 def test_per_example_coefficients(tiny, batch, kind):
-    """A 1-d coefficient applies one value per batch row."""
+    """A 1-d coefficient applies one value per batch row, where the kind allows it; elsewhere
+    mixed values are refused and equal values mean that one value."""
     model, _ = tiny
     model, adapter = attach_random(model, kind)
     cs = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0]
+    if not adapter.per_example:
+        with pytest.raises(CoefficientError, match="one coefficient per forward"):
+            with steer(model, torch.tensor(cs)):
+                pass
+        assert adapter.active is False
+        cs = [-0.5] * 6
     with steer(model, torch.tensor(cs)):
         mixed = logits(model, batch)
     for i, c in enumerate(cs):
@@ -248,8 +249,10 @@ def test_save_load_round_trip(tiny, tiny_dir, batch, tmp_path, kind):
     assert path.is_file()
 
     fresh, _ = load_base(tiny_dir, dtype="float32", device="cpu")
+    base = logits(fresh, batch)
     fresh, loaded = load_adapter(fresh, path)
     assert loaded.kind == kind
+    assert torch.equal(logits(fresh, batch), base)  # loaded, but outside steer: the base model
     with steer(fresh, 1.0):
         got = logits(fresh, batch)
     assert torch.equal(got, want)
@@ -292,3 +295,40 @@ def test_steer_needs_an_adapter(tiny):
     with pytest.raises(ValueError, match="no contrastive adapter"):
         with steer(model, 1.0):
             pass
+
+
+@ALL_KINDS
+def test_outside_steer_is_the_base_model(tiny, batch, kind):
+    """Attaching (and loading) never changes what the model computes outside a steer block."""
+    model, _ = tiny
+    base = logits(model, batch)
+    model, adapter = attach_random(model, kind)
+    assert torch.equal(logits(model, batch), base)
+    with steer(model, 1.0):
+        pass
+    assert torch.equal(logits(model, batch), base)
+
+
+@ALL_KINDS
+@pytest.mark.parametrize("c", [-4.0, 4.0])
+def test_outputs_stay_finite_at_large_coefficients(tiny, batch, kind, c):
+    model, _ = tiny
+    model, adapter = attach_random(model, kind, std=0.2)
+    with steer(model, c):
+        out = logits(model, batch)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["lora", "boft", "oft", "road"])
+def test_plus_one_is_peft_unchanged(tiny, batch, kind):
+    """c = +1 computes exactly peft's own adapter (our coefficient only rescales its parameters)."""
+    model, _ = tiny
+    model, adapter = attach_random(model, kind)
+    with steer(model, 1.0):
+        ours = logits(model, batch)
+    adapter._set_enabled(True)  # peft's forward with no coefficient machinery at all
+    try:
+        theirs = logits(model, batch)
+    finally:
+        adapter._set_enabled(False)
+    assert torch.equal(ours, theirs)

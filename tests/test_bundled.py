@@ -93,3 +93,36 @@ def test_contrast_loss_orders_held_out_separation(bundled, bundled_directions):
         sep = [m[l, c]["separation"] for c in COEFFS]
         assert sep[2] > sep[1] > sep[0], f"{l}: separation at c=-1, 0, +1 = {sep}"
         assert m[l, 1.0]["shift"] > 0 > m[l, -1.0]["shift"]
+
+
+KIND_CONFIGS = ["additive", "boft", "oft", "road", "ether", "honesty"]
+
+
+@pytest.mark.parametrize("name", KIND_CONFIGS)
+def test_every_kind_config_fits_the_bundled_model(bundled, name):
+    """Each configs/<kind>.yaml attaches to SmolLM2 (block sizes divide its widths), starts at
+    the identity, and is a signed function once its parameters move."""
+    import copy
+    from pathlib import Path
+
+    from adapters.config import load_config
+    from adapters.steer import steer
+    from conftest import logits, make_batch, randomize
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    model, tok = copy.deepcopy(bundled[0]), bundled[1]  # a private copy: attaching mutates the model
+    batch = make_batch(tok, n=2)
+    base = logits(model, batch)
+    model, adapter = attach(model, cfg.adapter)
+    with steer(model, 1.0):  # at init every kind is the identity (LoRA B = 0, v = -u, R = 0 ...)
+        torch.testing.assert_close(logits(model, batch), base, rtol=0, atol=1e-4)
+    randomize(adapter, std=0.01)
+    real = batch["attention_mask"].bool()
+    with steer(model, 0.0):
+        assert torch.equal(logits(model, batch), base)
+    with steer(model, 1.0):
+        up = logits(model, batch)[real] - base[real]
+    with steer(model, -1.0):
+        down = logits(model, batch)[real] - base[real]
+    assert up.abs().max() > 1e-3 and torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert torch.nn.functional.cosine_similarity(up.flatten(), down.flatten(), dim=0) < -0.5

@@ -146,3 +146,15 @@ def test_config_file_errors(tmp_path):
         load_config(write(tmp_path, "train: [1,\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_every_problem_is_reported_at_once():
+    """A config with several mistakes names all of them in one error, not one per attempt."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train": {"stpes": 3, "lr": "x"}, "adapter": {"kind": "lorra", "block_size": 1},
+                          "eval": {"coeffs": [1, 2, 3]}, "bogus": {}})
+    msg = str(err.value)
+    assert msg.startswith("6 problems in the config:")
+    for part in ["did you mean 'steps'", "train.lr: expected a number", "adapter.kind='lorra'",
+                 "adapter.block_size must be >= 2", "eval.coeffs must contain 0", "unknown config key 'bogus'"]:
+        assert part in msg, part

@@ -16,7 +16,7 @@ from adapters.config import load_config
 from adapters.io import load_tensors
 from adapters.models import base_fingerprint, load_base
 from adapters.steer import steer
-from conftest import TINY_ADAPTER_LAYERS, LINEAR_LAYERS, logits, make_batch
+from conftest import logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = ["config.yaml", "directions.safetensors", "directions.json", "adapter.safetensors",
@@ -28,18 +28,6 @@ def load_train_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def tiny_config(tiny_dir: str, runs_dir: Path, kind: str) -> dict:
-    return {
-        "model": {"name": tiny_dir, "dtype": "float32", "device": "cpu"},
-        "data": {"max_pairs": 24},
-        "directions": {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2},
-        "adapter": {"kind": kind, "layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
-        "train": {"steps": 2, "val_every": 1, "batch_size": 4, "warmup": 0, "accelerator": "cpu"},
-        "eval": {"coeffs": [-1.0, 0.0, 1.0], "max_items": 3, "neutral_items": 2, "n_boot": 50},
-        "log": {"wandb": "disabled", "runs_dir": str(runs_dir), "name": f"tiny-{kind}"},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +100,42 @@ def test_train_config_error_exits_cleanly(tmp_path):
         load_train_module().main(["--train.stpes", "3", "--log.runs_dir", str(tmp_path)])
 
 
-def test_train_additive_kind(tiny_dir, tmp_path):
-    """The other built-in kind goes through the same entry point (evaluation off to stay fast)."""
-    cfg = tiny_config(tiny_dir, tmp_path / "runs", "additive")
+@pytest.mark.parametrize("kind", ["additive", "boft", "oft", "road", "ether"])
+def test_train_every_other_kind(tiny_dir, tmp_path, kind):
+    """Every kind goes through the same entry point and loss (evaluation off to stay fast)."""
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", kind)
     cfg["eval"]["enabled"] = False
-    path = tmp_path / "additive.yaml"
+    path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = Path(load_train_module().main(["--config", str(path)]))
     assert (run_dir / "adapter.safetensors").is_file()
+    timing = json.loads((run_dir / "timing.json").read_text())
+    assert timing["kind"] == kind and timing["trainable_parameters"] > 0 and timing["step_seconds"] > 0
     model, _ = adapters.load_run(run_dir, device="cpu")
-    assert adapters.tuners.attached_adapter(model).kind == "additive"
+    assert adapters.tuners.attached_adapter(model).kind == kind
+
+
+def test_export_cli(lora_run, tiny_dir, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = lora_run
+    assert cli.main(["export", "--run", str(run_dir), "--format", "merged", "--coeff", "-1",
+                     "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    model, _ = adapters.load_run(run_dir, device="cpu")
+    batch = make_batch(tokenizer, n=2)
+    with steer(model, -1.0):
+        want = logits(model, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits(merged, batch)[real], want[real], rtol=1e-4, atol=1e-4)
+
+    assert cli.main(["export", "--run", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == tiny_dir
+
+    assert cli.main(["export", "--run", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "only additive adapters" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+    assert cli.main(["export", "--run", str(run_dir), "--format", "merged", "--coeff", "inf",
+                     "--out", str(tmp_path / "m2")]) == 2
+    assert "finite" in capsys.readouterr().err

@@ -1,20 +1,36 @@
 """Adapter kinds with a signed coefficient, in one registry.
 
-Each kind = a class deriving from ``Adapter`` (config lives in ``AdapterConfig``) with an
-``attach`` and an ``apply(c)`` context manager. Its parameters are named with the kind's
-prefix (``lora_``, ``additive_``) so trainable-parameter selection and the base checksum work
-by name. ``KINDS`` drives the generic tests.
+Each kind = a class deriving from ``Adapter`` (its settings live in ``AdapterConfig``) with
+``attach``, an ``apply(c)`` context manager and ``merge_into``. Its parameters are named with
+the kind's prefix (``lora_``, ``boft_`` ...) so trainable-parameter selection and the base
+checksum work by name. ``KINDS`` drives the generic tests.
+
+| kind     | acts on                   | coefficient                  | -c vs +c        | per-example c |
+|----------|---------------------------|------------------------------|-----------------|---------------|
+| additive | residual / module outputs | h + c·w                      | exact inverse   | yes           |
+| lora     | Linear (peft)             | W + c·s·BA                   | exact inverse   | yes           |
+| boft     | Linear input (peft)       | Cayley Q -> cQ, s -> s^c     | exact inverse   | no            |
+| oft      | Linear input (peft)       | Cayley Q -> cQ               | exact inverse   | no            |
+| road     | Linear output (peft)      | θ -> cθ, α -> α^c            | exact (road_1)  | no            |
+| ether    | Linear input or output    | H = I + c(P_v - P_u)         | first order     | yes           |
 """
 
 from __future__ import annotations
 
 from .additive import AdditiveAdapter
 from .base import Adapter, attached_adapter
+from .ether import EtherAdapter
 from .lora import LoraAdapter
+from .orthogonal import BoftAdapter, OftAdapter
+from .road import RoadAdapter
 
 KINDS: dict[str, type[Adapter]] = {
     "additive": AdditiveAdapter,
     "lora": LoraAdapter,
+    "boft": BoftAdapter,
+    "oft": OftAdapter,
+    "road": RoadAdapter,
+    "ether": EtherAdapter,
 }
 
 _PREFIXES = tuple(p for k in KINDS.values() for p in k.param_prefixes)
@@ -33,5 +49,5 @@ def attach(model, cfg, directions=None):
     return cls.attach(model, cfg, directions)
 
 
-__all__ = ["Adapter", "AdditiveAdapter", "LoraAdapter", "KINDS", "attach", "attached_adapter",
-           "is_adapter_name"]
+__all__ = ["Adapter", "AdditiveAdapter", "BoftAdapter", "EtherAdapter", "LoraAdapter", "OftAdapter",
+           "RoadAdapter", "KINDS", "attach", "attached_adapter", "is_adapter_name"]

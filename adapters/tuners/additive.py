@@ -23,6 +23,7 @@ def _key(name: str) -> str:
 class AdditiveAdapter(Adapter):
     kind = "additive"
     param_prefixes = ("additive_",)
+    per_example = True
 
     def __init__(self, model, cfg, layers: list[str], dim: int):
         super().__init__(model, cfg)
@@ -75,3 +76,44 @@ class AdditiveAdapter(Adapter):
 
         with hidden.hooks(self.model, {n: add(n) for n in self.layers}):
             yield
+
+    @torch.no_grad()
+    def merge_into(self, target, c):
+        """``h + c·w`` becomes a bias on the Linear that produces ``h`` (a decoder layer's
+        residual output -> its mlp.down_proj). A model without biases there needs its config
+        flag (Llama's ``mlp_bias`` / ``attention_bias``), which adds zero biases to the family."""
+        for name in self.layers:
+            lin_name = _producer(target, name)
+            lin = hidden.get_module(target, lin_name)
+            if lin.bias is None:
+                _enable_biases(target, lin_name)
+            lin.bias.add_((c * self.vector(name).detach()).to(lin.bias.dtype))
+
+
+def _producer(model, name: str) -> str:
+    """The Linear whose output is (added to) the output of module ``name``."""
+    modules = dict(hidden.base_model_of(model).named_modules())
+    if isinstance(modules.get(name), nn.Linear):
+        return name
+    last = name.rsplit(".", 1)[-1]
+    candidates = {"mlp": f"{name}.down_proj", "self_attn": f"{name}.o_proj"}
+    lin = candidates.get(last, f"{name}.mlp.down_proj" if last.isdigit() else None)
+    if not isinstance(modules.get(lin), nn.Linear):
+        raise ValueError(f"cannot merge an additive vector on {name!r} into weights: no Linear produces its "
+                         "output (supported: decoder layers model.layers.{N}, .mlp, .self_attn and Linear "
+                         "modules). Export it as a control vector instead")
+    return lin
+
+
+def _enable_biases(model, lin_name: str) -> None:
+    family, flag = (".mlp.", "mlp_bias") if ".mlp." in lin_name else (".self_attn.", "attention_bias")
+    cfg = hidden.base_model_of(model).config
+    if family not in lin_name or not hasattr(cfg, flag):
+        raise ValueError(f"cannot merge an additive vector into {lin_name!r}: it has no bias and the "
+                         f"{type(cfg).__name__} has no {flag} option to add one. Export the adapter as a "
+                         "llama.cpp control vector (adapters.export.control_vector) instead")
+    setattr(cfg, flag, True)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and family in n and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                  requires_grad=False)

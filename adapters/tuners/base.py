@@ -33,6 +33,8 @@ def attached_adapter(model: nn.Module) -> "Adapter":
 class Adapter(nn.Module, abc.ABC):
     kind: str = ""
     param_prefixes: tuple[str, ...] = ()
+    per_example: bool = False
+    """Whether ``apply`` takes a 1-d coefficient (one value per batch row)."""
 
     def __init__(self, model: nn.Module, cfg):
         super().__init__()
@@ -65,6 +67,11 @@ class Adapter(nn.Module, abc.ABC):
     @abc.abstractmethod
     def apply(self, c) -> contextlib.AbstractContextManager:
         """Context manager: the model computes the adapted function at coefficient ``c != 0``."""
+
+    @abc.abstractmethod
+    def merge_into(self, target: nn.Module, c: float) -> None:
+        """Write the adapter's function at coefficient ``c`` into the weights of ``target``, a
+        plain copy of the base model (same module names); ``adapters.export.merged_model``."""
 
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:

@@ -1,8 +1,10 @@
 """peft LoRA with a signed coefficient: ``W + c * s * B A`` (``s`` = peft's ``scaling``).
 
 Exact mirror (the update is linear in ``c``). ``c`` multiplies peft's float ``scaling`` for
-the duration of the context, which peft reads at every forward; ``c == 0`` takes peft's
-``disable_adapter()`` path, bitwise the base model.
+the duration of the context, which peft reads at every forward (and in ``merge``), so a
+1-d ``c`` gives one coefficient per batch row; ``c == 0`` takes peft's disabled-adapter
+path, bitwise the base model. Exported for serving as a plain peft folder, where the
+coefficient is peft's own scale (``peft.helpers.rescale_adapter_scale(model, c)``).
 """
 
 from __future__ import annotations
@@ -11,74 +13,40 @@ import contextlib
 
 import torch
 
-from .. import hidden
-from .base import Adapter
-
-ADAPTER_NAME = "default"
+from .peft_base import ADAPTER_NAME, PeftAdapter
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(PeftAdapter):
     kind = "lora"
     param_prefixes = ("lora_",)
+    per_example = True
+    layer_class_path = ("peft.tuners.lora", "LoraLayer")
 
     @classmethod
-    def attach(cls, model, cfg, directions=None):
-        from peft import LoraConfig, get_peft_model
+    def peft_config(cls, cfg, targets):
+        from peft import LoraConfig
 
-        targets = hidden.resolve(model, cfg.layers, cfg.depth)
-        for t in targets:
-            if not isinstance(hidden.get_module(model, t), torch.nn.Linear):
-                raise ValueError(f"LoRA needs Linear modules; {t!r} is a "
-                                 f"{type(hidden.get_module(model, t)).__name__}. Use patterns such as "
-                                 "model.layers.{N}.self_attn.o_proj or model.layers.{N}.mlp.down_proj")
-        pcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=targets, init_lora_weights=True, bias="none")
-        peft_model = get_peft_model(model, pcfg, adapter_name=ADAPTER_NAME)
-        for n, p in peft_model.named_parameters():
-            p.requires_grad_("lora_" in n)
-        adapter = cls(peft_model, cfg)
-        adapter.targets = targets
-        adapter.bind(peft_model)
-        return peft_model, adapter
 
     def lora_layers(self):
-        from peft.tuners.lora import LoraLayer
-
-        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-
-    def trainable_parameters(self):
-        return [p for n, p in self.model.named_parameters() if "lora_" in n]
-
-    def state_tensors(self):
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME)
-
-    def load_state_tensors(self, tensors):
-        from peft import set_peft_model_state_dict
-
-        self._check_keys(tensors)
-        result = set_peft_model_state_dict(self.model, tensors, adapter_name=ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"LoRA adapter file holds keys this model lacks: {unexpected[:5]}")
+        return list(self.tuner_layers().values())
 
     @contextlib.contextmanager
-    def apply(self, c):
+    def at(self, layer, c):
         if torch.is_tensor(c) and c.dim() == 1:  # per-example coefficient, (B,) -> (B, 1, 1)
             c = c.view(-1, 1, 1)
-        layers = self.lora_layers()
-        saved = [dict(m.scaling) for m in layers]
+        saved = dict(layer.scaling)
         try:
-            for m in layers:
-                m.scaling[ADAPTER_NAME] = m.scaling[ADAPTER_NAME] * c
+            layer.scaling[ADAPTER_NAME] = layer.scaling[ADAPTER_NAME] * c
             yield
         finally:
-            for m, s in zip(layers, saved):
-                m.scaling.clear()
-                m.scaling.update(s)
+            layer.scaling.clear()
+            layer.scaling.update(saved)
 
     @contextlib.contextmanager
-    def off(self):
-        with self.model.disable_adapter():
+    def coefficient(self, c):  # scaling is read at every forward: set it once for the block
+        with contextlib.ExitStack() as stack:
+            for layer in self.lora_layers():
+                stack.enter_context(self.at(layer, c))
             yield

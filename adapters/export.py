@@ -1,0 +1,184 @@
+"""Export a trained adapter for serving, without this package at inference time.
+
+* ``save_peft``: a peft kind (lora, boft, oft, road) as a plain peft folder that
+  ``PeftModel.from_pretrained(base, folder)`` loads. It computes coefficient +1. For LoRA the
+  coefficient is peft's own scale: ``peft.helpers.rescale_adapter_scale(model, c)``; peft has
+  no scale for BOFT / OFT / RoAd, so for other coefficients merge instead.
+* ``save_control_vector``: an additive adapter on decoder layers (``model.layers.{N}``) as a
+  llama.cpp control-vector GGUF (``--control-vector-scaled file.gguf c`` applies it at c).
+* ``save_merged``: any kind merged into a full model at a chosen coefficient
+  (``save_pretrained`` folder with the tokenizer), loadable by transformers alone.
+
+Every file is written to a temporary name and renamed, so a crash leaves no half export.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import hidden
+from .io import write_json
+from .steer import check_coeff
+from .tuners.base import ATTR, attached_adapter
+
+PEFT_KINDS = ("lora", "boft", "oft", "road")
+
+
+class ExportError(ValueError):
+    """This adapter cannot be exported in the requested format."""
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the frozen base model with no adapter attached (peft layers unloaded)."""
+    dup = copy.deepcopy(model)
+    dup.__dict__.pop(ATTR, None)
+    if hasattr(dup, "get_base_model"):  # a PeftModel: put the base Linear layers back
+        dup = dup.unload()
+    dup.__dict__.pop(ATTR, None)
+    return dup
+
+
+def merged_model(model: nn.Module, c: float = 1.0) -> nn.Module:
+    """A plain copy of the base model with the attached adapter merged in at coefficient ``c``;
+    its logits equal those of ``steer(model, c)`` (up to float rounding)."""
+    c = float(check_coeff(c))
+    adapter = attached_adapter(model)
+    out = plain_copy(model)
+    if c != 0.0:
+        adapter.merge_into(out, c)
+    return out
+
+
+def _atomic_folder(dest: Path):
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+
+
+def _publish(tmp: Path, dest: Path) -> Path:
+    dest = Path(dest)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
+def _provenance(adapter, fingerprint: str | None, **extra) -> dict:
+    import dataclasses
+
+    return {"exported_by": "contrastive-adapters", "kind": adapter.kind,
+            "adapter": dataclasses.asdict(adapter.cfg), "base_fingerprint": fingerprint, **extra}
+
+
+def save_merged(model: nn.Module, tokenizer, folder: str | Path, c: float = 1.0,
+                fingerprint: str | None = None) -> Path:
+    """``save_pretrained`` folder of the base model with the adapter merged at ``c``."""
+    adapter = attached_adapter(model)
+    merged = merged_model(model, c)
+    tmp = _atomic_folder(Path(folder))
+    try:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "contrastive_adapter.json", _provenance(adapter, fingerprint, coefficient=float(c)))
+        return _publish(tmp, Path(folder))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = None,
+              base_name: str | None = None) -> Path:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    adapter = attached_adapter(model)
+    if adapter.kind not in PEFT_KINDS:
+        raise ExportError(f"a {adapter.kind!r} adapter is not a peft adapter (peft kinds: {', '.join(PEFT_KINDS)}); "
+                          "export it merged (save_merged / `export --format merged`)"
+                          + (" or as a control vector (--format gguf)" if adapter.kind == "additive" else ""))
+    tmp = _atomic_folder(Path(folder))
+    try:
+        if base_name is not None:
+            model.peft_config["default"].base_model_name_or_path = base_name
+        model.save_pretrained(tmp)
+        write_json(tmp / "contrastive_adapter.json",
+                   _provenance(adapter, fingerprint, coefficient_note=(
+                       "computes coefficient +1; for LoRA use peft.helpers.rescale_adapter_scale(model, c) "
+                       "for coefficient c" if adapter.kind == "lora" else
+                       "computes coefficient +1; peft cannot rescale this kind: merge at c instead")))
+        return _publish(tmp, Path(folder))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]:
+    """{decoder layer index: c·w} of an additive adapter on residual layers (llama.cpp layout:
+    ``direction.N`` is added to the output of decoder layer N; layer 0 cannot be steered)."""
+    adapter = attached_adapter(model)
+    if adapter.kind != "additive":
+        raise ExportError(f"only additive adapters export as control vectors, not {adapter.kind!r}; "
+                          "export it merged instead (`export --format merged`)")
+    out = {}
+    for name in adapter.layers:
+        idx = hidden.layer_index(name)
+        if idx < 0 or not name.endswith(f".{idx}"):
+            raise ExportError(f"a llama.cpp control vector acts on decoder-layer outputs; {name!r} is not one "
+                              "(train with adapter.layers: ['model.layers.{N}']) or export it merged")
+        if idx == 0:
+            raise ExportError("llama.cpp cannot steer decoder layer 0 (its control vectors start at layer 1); "
+                              "train with adapter.depth starting above layer 0, or export it merged")
+        out[idx] = (float(c) * adapter.vector(name).detach().float().cpu())
+    return out
+
+
+def save_control_vector(model: nn.Module, path: str | Path, c: float = 1.0) -> Path:
+    import gguf
+
+    from .io import atomic_write_bytes
+
+    vectors = control_vectors(model, float(check_coeff(c)))
+    arch = getattr(hidden.base_model_of(model).config, "model_type", "llama")
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as td:
+        tmp = Path(td) / "cv.gguf"
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", arch)
+        writer.add_uint32("controlvector.layer_count", len(vectors))
+        for idx in sorted(vectors):
+            writer.add_tensor(f"direction.{idx}", vectors[idx].numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        atomic_write_bytes(path, tmp.read_bytes())
+    return path
+
+
+def read_control_vector(path: str | Path) -> tuple[dict[int, torch.Tensor], dict]:
+    """Read a control-vector GGUF back: ({layer: vector}, {"arch", "model_hint", "layer_count"})."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    meta = {"arch": field("general.architecture"), "model_hint": field("controlvector.model_hint"),
+            "layer_count": field("controlvector.layer_count")}
+    if meta["arch"] != "controlvector":
+        raise ExportError(f"{path} is not a control-vector GGUF (general.architecture={meta['arch']!r})")
+    vectors = {int(t.name.split(".")[1]): torch.from_numpy(t.data.copy()).float()
+               for t in reader.tensors if t.name.startswith("direction.")}
+    return vectors, meta

@@ -1,0 +1,79 @@
+"""peft BOFT and OFT with a signed coefficient on the Cayley generator: ``Q -> c·Q``.
+
+Both rotate the input side of a frozen Linear with a block-diagonal orthogonal matrix
+``R = (I - Q)(I + Q)^-1`` (exact Cayley transform, Q skew-symmetric and linear in the stored
+parameter). With ``Q -> c·Q``: ``R(0) = I`` and ``R(-c) = R(c)^-1 = R(c)^T``, an exact inverse.
+BOFT also scales each output row by ``s``; it becomes ``s ** c`` (exact inverse too).
+
+* OFT is built with ``use_cayley_neumann=False``: peft's default truncated Neumann series is
+  not orthogonal and approximates the transposed rotation (PEFT_NOTES.md §5).
+* BOFT is built with ``boft_n_butterfly_factor=1`` (one block-diagonal factor): a product of
+  several butterfly factors is only a first-order mirror, and its shape depends on whether
+  peft's CUDA extension compiled, so an adapter would not load on another machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .peft_base import ADAPTER_NAME, PeftAdapter, positive_power, scaled
+
+
+def _check_block(kind: str, name: str, module, block: int) -> None:
+    if module.in_features % block:
+        raise ValueError(f"adapter.block_size {block} does not divide the input size {module.in_features} "
+                         f"of {name!r} ({kind} rotates blocks of the input); choose a divisor of "
+                         f"{module.in_features}")
+
+
+def _skip_boft_cuda_build() -> None:
+    """Without CUDA, peft retries (and fails) a JIT build of its BOFT CUDA extension once per
+    adapted layer, with two warnings each; record the failure once instead."""
+    import peft.tuners.boft.layer as boft_layer
+
+    if not torch.cuda.is_available() and boft_layer._FBD_CUDA is None:
+        boft_layer._FBD_CUDA = False
+
+
+class BoftAdapter(PeftAdapter):
+    kind = "boft"
+    param_prefixes = ("boft_",)
+    layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
+
+    @classmethod
+    def check_target(cls, name, module, cfg):
+        super().check_target(name, module, cfg)
+        _check_block(cls.kind, name, module, cfg.block_size)
+
+    @classmethod
+    def peft_config(cls, cfg, targets):
+        from peft import BOFTConfig
+
+        _skip_boft_cuda_build()
+        return BOFTConfig(boft_block_size=cfg.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
+                          boft_dropout=cfg.dropout, target_modules=targets, init_weights=True, bias="none")
+
+    def swaps(self, layer):
+        return [(layer.boft_R, ADAPTER_NAME, scaled),
+                (layer.boft_s, ADAPTER_NAME, positive_power)]
+
+
+class OftAdapter(PeftAdapter):
+    kind = "oft"
+    param_prefixes = ("oft_",)
+    layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
+
+    @classmethod
+    def check_target(cls, name, module, cfg):
+        super().check_target(name, module, cfg)
+        _check_block(cls.kind, name, module, cfg.block_size)
+
+    @classmethod
+    def peft_config(cls, cfg, targets):
+        from peft import OFTConfig
+
+        return OFTConfig(r=0, oft_block_size=cfg.block_size, use_cayley_neumann=False, coft=False,
+                         block_share=False, target_modules=targets, init_weights=True, bias="none")
+
+    def swaps(self, layer):
+        return [(layer.oft_R[ADAPTER_NAME], "weight", scaled)]

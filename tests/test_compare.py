@@ -1,0 +1,71 @@
+"""The comparison command: spec validation, rows from run folders, and a real tiny comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from adapters import compare
+from adapters.config import ConfigError
+from adapters.io import write_json
+from conftest import tiny_config
+
+
+def fake_run(folder, kind="boft", score=0.5):
+    folder.mkdir(parents=True)
+    rows = [{"method": "adapter", "probe": "self_report", "coeff": c, "dnll": 0.01 * c} for c in (-1.0, 0.0, 1.0)]
+    sep = [{"method": "adapter", "layer": l, "coeff": c, "separation": c + i} for i, l in enumerate("ab")
+           for c in (-1.0, 0.0, 1.0)]
+    summary = [{"method": "adapter", "probe": "self_report", "score": score, "slope": 1.0, "r2": 0.9, "valid_frac": 1.0},
+               {"method": "prompting", "probe": "self_report", "score": 2.0, "slope": 2.0, "r2": 1.0, "valid_frac": 1.0},
+               {"method": "adapter", "probe": "facts", "score": 9.0, "slope": 9.0, "r2": 1.0, "valid_frac": 1.0}]
+    write_json(folder / "report.json", {"summary": summary, "rows": rows, "separation": sep, "notes": []})
+    write_json(folder / "timing.json", {"kind": kind, "trainable_parameters": 1234, "step_seconds": 2.5})
+    return folder
+
+
+def test_run_row_reads_the_probe_and_averages_layers(tmp_path):
+    row = compare.run_row(fake_run(tmp_path / "r"))
+    assert row["kind"] == "boft" and row["trainable_params"] == 1234 and row["step_s"] == 2.5
+    assert row["score"] == 0.5  # self_report, not facts
+    assert row["dnll_-1"] == pytest.approx(-0.01) and row["dnll_+1"] == pytest.approx(0.01)
+    assert (row["sep_-1"], row["sep_0"], row["sep_+1"]) == (-0.5, 0.5, 1.5)  # mean over layers a, b
+    with pytest.raises(ValueError, match="no adapter row for probe 'yes_no'"):
+        compare.run_row(tmp_path / "r", probe="yes_no")
+    md = compare.markdown([row] + compare.baseline_rows(tmp_path / "r"), "t")
+    assert "| r | boft | 1,234 | +2.500 | +0.500 |" in md and "| prompting | baseline |" in md
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"runs": []}, "must list"),
+    ({"runs": ["configs/boft.yaml"], "colour": 1}, "unexpected: \\['colour'\\]"),
+    ({"runs": ["nope.yaml"]}, "does not exist"),
+    ({"runs": ["configs/boft.yaml"], "overrides": {"train.stpes": 3}}, "did you mean 'steps'"),
+    (["a list"], "not a mapping"),
+])
+def test_bad_specs_are_refused_before_training(tmp_path, spec, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=match):
+        compare.load_spec(path)
+
+
+def test_compare_trains_tabulates_and_resumes(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, tmp_path / "unused", "road")
+    (tmp_path / "road.yaml").write_text(yaml.safe_dump(cfg))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"runs": [str(tmp_path / "road.yaml")], "out": str(tmp_path / "cmp"),
+                                         "overrides": {"train.steps": 2, "eval.probes": ["self_report"]}}))
+    spec = compare.load_spec(spec_path)
+    rows = compare.compare(spec, log=lambda *_: None)
+    assert rows[0]["run"] == "road" and rows[0]["kind"] == "road" and rows[0]["trainable_params"] > 0
+    assert not math.isnan(rows[0]["sep_0"])
+    assert [r["run"] for r in rows[1:]] == ["pca_vector", "prompting"]
+    assert (tmp_path / "cmp" / "comparison.md").read_text().count("| road | road |") == 1
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text()) == json.loads(json.dumps(rows))
+    logged = []
+    compare.compare(spec, log=logged.append)  # finished runs are reused, not retrained
+    assert any("finished run found, reused" in m for m in logged)
