@@ -7,8 +7,8 @@ The comparison config lists training configs and overrides applied to all of the
     out: runs/compare-kinds
 
 Each run trains in its own process (``train.py``) into ``<out>/<config stem>/``; a run whose
-report already exists is reused (``--force`` retrains), so an interrupted comparison resumes
-at the run it stopped in. The table (``<out>/comparison.md/.csv/.json``) has one row per run:
+report already exists is reused (``--force`` retrains) and one with a checkpoint is resumed, so
+an interrupted comparison continues where it stopped. The table (``<out>/comparison.md/.csv/.json``) has one row per run:
 trainable parameters, seconds per training step, the summary of the trained adapter on the
 first probe (score, slope, r2, valid_frac), neutral ΔNLL at c = -1 / +1, and the held-out
 projection separation at c = -1 / 0 / +1 (mean over the loss layers).
@@ -86,13 +86,13 @@ def baseline_rows(run_dir: Path, probe: str = "self_report") -> list[dict]:
              "valid_frac": r["valid_frac"]} for r in report["summary"] if r["method"] != "adapter" and r["probe"] == probe]
 
 
-def _fmt(v) -> str:
+def _fmt(v, signed: bool = True) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:+.3f}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:+.3f}" if signed else f"{v:.2f}"
     return str(v)
 
 
@@ -101,7 +101,8 @@ def markdown(rows: list[dict], title: str) -> str:
             "ΔNLL -1", "ΔNLL +1", "sep -1", "sep 0", "sep +1"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(c), signed=c not in ("step_s", "r2", "valid_frac"))
+                                       for c in COLUMNS) + " |")
     lines += ["", "score/slope/r2/valid_frac: the trained adapter's dose-response on the probe over the sweep "
               "(baselines: the same probe, from the first run). ΔNLL: neutral-text NLL change (nats/token). "
               "sep: held-out (h_pos - h_neg)·v / s at the loss layers (mean)."]
@@ -119,9 +120,12 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
         if (folder / "report.json").is_file() and (folder / "timing.json").is_file() and not force:
             log(f"[compare] {name}: finished run found, reused")
             continue
-        cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name]
-        for k, v in spec["overrides"]:
-            cmd += [f"--{k}", v]
+        if (folder / "checkpoint").is_dir():  # interrupted mid-training: continue it
+            cmd = [sys.executable, str(script), "--resume", str(folder)]
+        else:
+            cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name]
+            for k, v in spec["overrides"]:
+                cmd += [f"--{k}", v]
         log(f"[compare] {name}: {' '.join(cmd)}")
         subprocess.run(cmd, check=True)
     rows = [run_row(f, spec["probe"]) for f in folders]
@@ -130,7 +134,7 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
     atomic_write_text(out / "comparison.md", markdown(rows, title))
     atomic_write_text(out / "comparison.csv", ",".join(COLUMNS) + "\n" + "".join(
         ",".join("" if r.get(c) is None else str(r.get(c)) for c in COLUMNS) + "\n" for r in rows))
-    write_json(out / "comparison.json", rows)
+    write_json(out / "comparison.json", {"probe": spec["probe"], "rows": rows})
     log(markdown(rows, title))
     return rows
 

@@ -218,9 +218,13 @@ class TrainConfig:
     accelerator: str = "auto"
     threads: int = 2
     """torch CPU threads (more than the physical cores is slower)."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (adapter + optimiser + data position) in runs/<name>/checkpoint;
+    `train.py --resume runs/<name>` continues from the last one. 0 = no checkpoints."""
 
     def __post_init__(self):
         _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = off)")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number")
         _check(self.val_every >= 1, "train.val_every must be >= 1")
         _check(self.warmup >= 0, "train.warmup must be >= 0")
@@ -395,6 +399,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 def _set_path(data: dict, dotted: str, value: str) -> None:
     parts = dotted.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override --{dotted}: expected --section.key (e.g. --train.steps 10)")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -403,7 +409,12 @@ def _set_path(data: dict, dotted: str, value: str) -> None:
     # a key's raw string goes to _coerce, which parses it for the field's type (YAML-parsing it
     # here turned string values such as `--data.system No` or `--log.name 0123` into 'False' / '83');
     # only a whole section (`--train '{steps: 3}'`) is YAML
-    node[parts[-1]] = yaml.safe_load(value) if len(parts) == 1 and value.strip() else value
+    if len(parts) == 1 and value.strip():
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override --{dotted}: not valid YAML ({str(e).splitlines()[0]})") from None
+    node[parts[-1]] = value
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -438,6 +449,13 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if "format_version" in data:  # written by dump_config into run folders
+        from .io import FormatVersionError, check_version
+
+        try:
+            check_version(path, data.pop("format_version"))
+        except FormatVersionError as e:
+            raise ConfigError(str(e)) from None
     for key, val in overrides:
         _set_path(data, key, val)
     return config_from_dict(data)
@@ -446,4 +464,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
 def dump_config(cfg: Config, path: str | Path) -> None:
     from .io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    from .io import FORMAT_VERSION
+
+    atomic_write_text(path, yaml.safe_dump({"format_version": FORMAT_VERSION, **config_to_dict(cfg)},
+                                           sort_keys=False))

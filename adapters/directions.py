@@ -24,7 +24,7 @@ from torchmetrics.functional import pearson_corrcoef
 
 from . import hidden
 from .data import PairCollator, encode_pairs
-from .io import load_tensors, save_tensors, write_json
+from .io import load_tensors, read_json, save_tensors, write_json
 
 METHODS = ("pca_diff", "mean_diff")
 
@@ -62,11 +62,7 @@ class Directions:
             raise DirectionsError(f"{path} was computed on a different base model (fingerprint "
                                   f"{meta.get('fingerprint')} != {fingerprint}); recompute the directions")
         stats_path = Path(folder) / "directions.json"
-        stats = {}
-        if stats_path.is_file():
-            import json
-
-            stats = json.loads(stats_path.read_text()).get("stats", {})
+        stats = read_json(stats_path).get("stats", {}) if stats_path.is_file() else {}
         return cls(meta["method"], meta["layers"], tensors, {k: float(v) for k, v in meta["scale"].items()},
                    stats, meta["selected"], meta["fingerprint"])
 

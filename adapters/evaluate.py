@@ -60,19 +60,27 @@ class Probe:
     neg: list
 
 
-def _jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
+def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
-        raise ProbeError(f"probe file {path} does not exist")
+        raise ProbeError(f"{what} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ProbeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(_read_text(path, "probe file").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
-            raise ProbeError(f"{path}:{i}: expected an object with string fields {list(keys)}, got {line[:80]!r}")
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ProbeError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
+            raise ProbeError(f"{path}:{i}: expected an object with non-empty string fields {list(keys)}, "
+                             f"got {line[:80]!r}")
         rows.append(row)
     if not rows:
         raise ProbeError(f"{path}: no probe items")
@@ -88,42 +96,72 @@ def _builtin(spec: str, name: str) -> Path:
 
 
 def first_tokens(tokenizer, words) -> list[int]:
-    return sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
+    out = set()
+    for w in words:
+        ids = tokenizer.encode(w, add_special_tokens=False)
+        if not ids:
+            raise ProbeError(f"probe word {w!r} produces no tokens")
+        out.add(ids[0])
+    return sorted(out)
 
 
-def load_probe(kind: str, cfg, tokenizer) -> Probe:
+def probe_rows(kind: str, cfg) -> dict:
+    """Read and check a probe's files (no tokenizer needed): {"rows": [...], "words": {...}}.
+    Every schema problem is a ProbeError naming the file and line."""
     n = cfg.max_items or None
     if kind == "self_report":
         rows = _jsonl(_builtin(cfg.self_report, "self_report.jsonl"), ("prompt", "prefix"))[:n]
         wpath = resource_path("probes/self_report_words.json") if cfg.self_report_words == "builtin" \
             else Path(cfg.self_report_words)
-        words = json.loads(wpath.read_text())
-        if not isinstance(words, dict) or not words.get("honest") or not words.get("dishonest"):
-            raise ProbeError(f"{wpath}: expected {{'honest': [...], 'dishonest': [...]}}")
+        try:
+            words = json.loads(_read_text(wpath, "word list"))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ProbeError(f"{wpath}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        ok = isinstance(words, dict) and all(
+            isinstance(words.get(k), list) and words[k] and all(isinstance(w, str) and w.strip() for w in words[k])
+            for k in ("honest", "dishonest"))
+        if not ok:
+            raise ProbeError(f"{wpath}: expected {{'honest': [words...], 'dishonest': [words...]}} with non-empty "
+                             "string words")
+        return {"rows": rows, "words": words, "words_path": wpath}
+    if kind == "facts":
+        path = _builtin(cfg.facts, "facts.jsonl")
+        rows = _jsonl(path, ("prefix", "true", "false"))[:n]
+        if any(not isinstance(r.get("prompt", ""), str) for r in rows):
+            raise ProbeError(f"{path}: the optional 'prompt' field must be a string")
+        return {"rows": rows}
+    if kind == "yes_no":
+        path = _builtin(cfg.yes_no, "yes_no.jsonl")
+        rows = _jsonl(path, ("question", "honest"))[:n]
+        for r in rows:
+            if r["honest"] not in ("Yes", "No"):
+                raise ProbeError(f"{path}: 'honest' must be Yes or No, got {r['honest']!r}")
+        return {"rows": rows}
+    raise ProbeError(f"unknown probe kind {kind!r}; valid: self_report, facts, yes_no")
+
+
+def load_probe(kind: str, cfg, tokenizer) -> Probe:
+    got = probe_rows(kind, cfg)
+    rows = got["rows"]
+    if kind == "self_report":
+        words, wpath = got["words"], got["words_path"]
         pos, neg = first_tokens(tokenizer, words["honest"]), first_tokens(tokenizer, words["dishonest"])
         if set(pos) & set(neg):
             raise ProbeError(f"{wpath}: honest and dishonest words share first tokens "
                              f"{tokenizer.convert_ids_to_tokens(sorted(set(pos) & set(neg)))}")
         return Probe(kind, [r["prompt"] for r in rows], [r["prefix"] for r in rows], [pos] * len(rows), [neg] * len(rows))
     if kind == "facts":
-        rows = _jsonl(_builtin(cfg.facts, "facts.jsonl"), ("prefix", "true", "false"))[:n]
         user = [r.get("prompt", "Tell me a fact.") for r in rows]
         return Probe(kind, user, [r["prefix"] for r in rows], [r["true"] for r in rows], [r["false"] for r in rows])
-    if kind == "yes_no":
-        rows = _jsonl(_builtin(cfg.yes_no, "yes_no.jsonl"), ("question", "honest"))[:n]
-        yes, no = first_tokens(tokenizer, YES), first_tokens(tokenizer, NO)
-        for r in rows:
-            if r["honest"] not in ("Yes", "No"):
-                raise ProbeError(f"yes/no probe: 'honest' must be Yes or No, got {r['honest']!r}")
-        return Probe(kind, [r["question"] for r in rows], [""] * len(rows),
-                     [yes if r["honest"] == "Yes" else no for r in rows],
-                     [no if r["honest"] == "Yes" else yes for r in rows])
-    raise ProbeError(f"unknown probe kind {kind!r}; valid: self_report, facts, yes_no")
+    yes, no = first_tokens(tokenizer, YES), first_tokens(tokenizer, NO)
+    return Probe(kind, [r["question"] for r in rows], [""] * len(rows),
+                 [yes if r["honest"] == "Yes" else no for r in rows],
+                 [no if r["honest"] == "Yes" else yes for r in rows])
 
 
 def neutral_texts(spec: str = "builtin", limit: int = 0) -> list[str]:
     path = resource_path("neutral.txt") if spec == "builtin" else Path(spec)
-    paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    paras = [p.strip() for p in _read_text(path, "neutral text file").split("\n\n") if p.strip()]
     if not paras:
         raise ProbeError(f"{path}: no neutral paragraphs")
     return paras[: limit or None]

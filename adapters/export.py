@@ -15,7 +15,6 @@ Every file is written to a temporary name and renamed, so a crash leaves no half
 from __future__ import annotations
 
 import copy
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from . import hidden
-from .io import write_json
+from .io import atomic_folder, write_json
 from .steer import check_coeff
 from .tuners.base import ATTR, attached_adapter
 
@@ -55,25 +54,6 @@ def merged_model(model: nn.Module, c: float = 1.0) -> nn.Module:
     return out
 
 
-def _atomic_folder(dest: Path):
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-
-
-def _publish(tmp: Path, dest: Path) -> Path:
-    dest = Path(dest)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    return dest
-
-
 def _provenance(adapter, fingerprint: str | None, **extra) -> dict:
     import dataclasses
 
@@ -86,16 +66,12 @@ def save_merged(model: nn.Module, tokenizer, folder: str | Path, c: float = 1.0,
     """``save_pretrained`` folder of the base model with the adapter merged at ``c``."""
     adapter = attached_adapter(model)
     merged = merged_model(model, c)
-    tmp = _atomic_folder(Path(folder))
-    try:
+    with atomic_folder(folder) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "contrastive_adapter.json", _provenance(adapter, fingerprint, coefficient=float(c)))
-        return _publish(tmp, Path(folder))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(folder)
 
 
 def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = None,
@@ -106,8 +82,7 @@ def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = No
         raise ExportError(f"a {adapter.kind!r} adapter is not a peft adapter (peft kinds: {', '.join(PEFT_KINDS)}); "
                           "export it merged (save_merged / `export --format merged`)"
                           + (" or as a control vector (--format gguf)" if adapter.kind == "additive" else ""))
-    tmp = _atomic_folder(Path(folder))
-    try:
+    with atomic_folder(folder) as tmp:
         if base_name is not None:
             model.peft_config["default"].base_model_name_or_path = base_name
         model.save_pretrained(tmp)
@@ -116,10 +91,7 @@ def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = No
                        "computes coefficient +1; for LoRA use peft.helpers.rescale_adapter_scale(model, c) "
                        "for coefficient c" if adapter.kind == "lora" else
                        "computes coefficient +1; peft cannot rescale this kind: merge at c instead")))
-        return _publish(tmp, Path(folder))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(folder)
 
 
 def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]:

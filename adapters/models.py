@@ -156,6 +156,11 @@ def load_base(name: str = "bundled", dtype: str = "auto", device: str = "auto"):
             f"could not load model {name!r}: it is not a local folder or .gguf file, and the Hugging "
             f"Face hub is unreachable or does not have it{where}. Use model.name=bundled, a local "
             f"folder, or a .gguf path. ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise ModelLoadError(f"the tokenizer of {name!r} has {len(tok)} tokens but the model's embedding has "
+                             f"{rows} rows: they do not belong together; put the model's own tokenizer files "
+                             "in its folder")
     model.to(dev)
     prepare_tokenizer(tok)
     return freeze(model), tok
@@ -207,6 +212,21 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if not is_adapter_name(name):
             out[name] = t
+            out.update(_quant_tensors(name, t))
+    return out
+
+
+def _quant_tensors(name: str, param) -> dict[str, torch.Tensor]:
+    """bitsandbytes keeps the scales of a quantized weight outside the parameter (4-bit:
+    ``quant_state`` absmax / code, nested ``state2``; 8-bit: ``SCB``): checksum them too."""
+    out = {}
+    scb = getattr(param, "SCB", None)
+    if torch.is_tensor(scb):
+        out[f"{name}.SCB"] = scb
+    state, prefix = getattr(param, "quant_state", None), f"{name}.quant_state"
+    while state is not None:
+        out.update({f"{prefix}.{k}": v for k, v in vars(state).items() if torch.is_tensor(v)})
+        state, prefix = getattr(state, "state2", None), f"{prefix}.state2"
     return out
 
 

@@ -24,8 +24,11 @@ COEFFS = (1.0, -1.0)
 
 
 class ContrastiveModule(L.LightningModule):
-    def __init__(self, model, adapter, directions, loss_cfg, train_cfg, checksum: BaseChecksum):
+    def __init__(self, model, adapter, directions, loss_cfg, train_cfg, checksum: BaseChecksum,
+                 start_step: int = 0, optimizer_state: dict | None = None):
         super().__init__()
+        self.start_step = start_step  # > 0 when resuming from a checkpoint at that step
+        self.optimizer_state = optimizer_state
         self.model = model
         self.adapter = adapter
         self.loss_cfg, self.train_cfg = loss_cfg, train_cfg
@@ -108,5 +111,8 @@ class ContrastiveModule(L.LightningModule):
             t = (step - warm) / max(1, total - warm)
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        if self.optimizer_state is not None:  # resumed: AdamW moments and step counts as saved
+            opt.load_state_dict({"state": self.optimizer_state, "param_groups": opt.state_dict()["param_groups"]})
+        start = self.start_step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step + start))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -74,6 +74,14 @@ def main() -> None:
         for system, opt, _, times in systems.values():
             times.append(one_step(system, opt))
 
+    # the base-weights checksum: one full verify, as a share of a training step
+    checksum = BaseChecksum(base)
+    verify = []
+    for _ in range(5):
+        t = time.perf_counter()
+        checksum.verify(base)
+        verify.append(time.perf_counter() - t)
+
     ref = statistics.median(systems["lora"][3])
     print(f"model {args.model} ({base.dtype}), {args.batch} pairs x {batch['input_ids'].shape[1]} tokens, "
           f"{args.steps} timed steps per kind, {args.threads} threads")
@@ -82,6 +90,11 @@ def main() -> None:
     for kind, (_, _, n, times) in systems.items():
         med = statistics.median(times)
         print(f"| {kind} | {n:,} | {med:.2f} | {min(times):.2f} | {med / ref:.2f}x |")
+    v = statistics.median(verify)
+    calls = 5 + cfg.train.steps // cfg.train.val_every  # fit start/end, before/after saving, after eval, validations
+    print(f"checksum verify (every base tensor): {v:.3f} s = {100 * v / ref:.1f}% of one LoRA step; "
+          f"{calls} verifies in a {cfg.train.steps}-step run = {100 * calls * v / (cfg.train.steps * ref):.2f}% "
+          "of its training time")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,30 @@ def test_fingerprint_is_dtype_independent_and_model_specific(tiny_dir, other_tin
     before = base_fingerprint(fp32)
     wrapped, _ = attach(fp32, tiny_adapter_cfg("lora"))
     assert base_fingerprint(wrapped) == before
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_checksum_covers_quantized_weights_and_their_scales(tmp_path, bits):
+    """bitsandbytes on CPU: a flipped bit in a packed weight, or in the scales bnb keeps beside
+    it, is caught and named."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == 4
+         else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32)
+    checksum = BaseChecksum(model)
+    w = model.model.layers[0].mlp.up_proj.weight
+    scale_name, scale = (("quant_state.absmax", w.quant_state.absmax) if bits == 4 else ("SCB", w.SCB))
+    assert f"model.layers.0.mlp.up_proj.weight.{scale_name}" in checksum.sums
+    with torch.no_grad():
+        w.data.view(-1)[3] += 1  # one quantized element
+    with pytest.raises(BaseModelChanged, match=r"changed: model.layers.0.mlp.up_proj.weight[;.]"):
+        checksum.verify(model)
+    with torch.no_grad():
+        w.data.view(-1)[3] -= 1
+        scale.view(-1)[0] = torch.nextafter(scale.view(-1)[0], scale.view(-1)[0] + 1)
+    with pytest.raises(BaseModelChanged, match=rf"changed: model.layers.0.mlp.up_proj.weight.{scale_name}"):
+        checksum.verify(model)

@@ -36,7 +36,7 @@ def test_run_row_reads_the_probe_and_averages_layers(tmp_path):
     with pytest.raises(ValueError, match="no adapter row for probe 'yes_no'"):
         compare.run_row(tmp_path / "r", probe="yes_no")
     md = compare.markdown([row] + compare.baseline_rows(tmp_path / "r"), "t")
-    assert "| r | boft | 1,234 | +2.500 | +0.500 |" in md and "| prompting | baseline |" in md
+    assert "| r | boft | 1,234 | 2.50 | +0.500 | +1.000 | 0.90 | 1.00 |" in md and "| prompting | baseline |" in md
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -65,7 +65,7 @@ def test_compare_trains_tabulates_and_resumes(tiny_dir, tmp_path):
     assert not math.isnan(rows[0]["sep_0"])
     assert [r["run"] for r in rows[1:]] == ["pca_vector", "prompting"]
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("| road | road |") == 1
-    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text()) == json.loads(json.dumps(rows))
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"] == json.loads(json.dumps(rows))
     logged = []
     compare.compare(spec, log=logged.append)  # finished runs are reused, not retrained
     assert any("finished run found, reused" in m for m in logged)

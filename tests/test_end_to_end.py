@@ -139,3 +139,53 @@ def test_export_cli(lora_run, tiny_dir, tokenizer, tmp_path, capsys):
     assert cli.main(["export", "--run", str(run_dir), "--format", "merged", "--coeff", "inf",
                      "--out", str(tmp_path / "m2")]) == 2
     assert "finite" in capsys.readouterr().err
+
+
+def test_every_run_file_carries_the_format_version(lora_run):
+    from adapters.io import FORMAT_VERSION, read_json
+
+    run_dir, _ = lora_run
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["format_version"] == FORMAT_VERSION
+    for p in run_dir.glob("*.json"):
+        assert read_json(p)["format_version"] == FORMAT_VERSION, p.name
+    for p in run_dir.glob("*.safetensors"):
+        assert load_tensors(p)[1]["format_version"] == FORMAT_VERSION, p.name
+
+
+def test_files_from_another_format_version_are_refused(lora_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adapters.config import ConfigError
+    from adapters.directions import Directions
+    from adapters.io import FormatVersionError
+    from adapters.run import load_run
+
+    run_dir, _ = lora_run
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    tensors = load_file(str(old / "adapter.safetensors"))
+    meta = load_tensors(old / "adapter.safetensors")[1]
+    save_file(tensors, str(old / "adapter.safetensors"), metadata={"meta": json.dumps({**meta, "format_version": 99})})
+    with pytest.raises(FormatVersionError, match="adapter.safetensors has format version 99"):
+        load_run(old, device="cpu")
+
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump({**cfg, "format_version": 0}))
+    with pytest.raises(ConfigError, match="config.yaml has format version 0"):
+        load_config(old / "config.yaml")
+
+    d = json.loads((old / "directions.json").read_text())
+    (old / "directions.json").write_text(json.dumps({**d, "format_version": None}))
+    with pytest.raises(FormatVersionError, match="directions.json has format version None"):
+        Directions.load(old)
+
+
+def test_our_code_never_unpickles():
+    """Our own files are safetensors + JSON/YAML: no torch.load, pickle or yaml.load anywhere."""
+    sources = list((ROOT / "adapters").rglob("*.py")) + [ROOT / "train.py"]
+    for path in sources:
+        text = path.read_text()
+        for bad in ("torch.load(", "import pickle", "pickle.load", "yaml.load(", "yaml.unsafe_load"):
+            assert bad not in text, f"{path.name} uses {bad}"

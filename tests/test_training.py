@@ -22,7 +22,9 @@ ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
 def setup_system(tiny, directions, kind, **train_kw):
     model, tok = tiny
     checksum = BaseChecksum(model)
-    model, adapter = attach(model, tiny_adapter_cfg(kind), directions)
+    # adapters only up to the last loss layer (layer 2 of 4): one after it gets no gradient from the
+    # projection terms, and none from the NLL barrier while the barrier is inside its margin
+    model, adapter = attach(model, tiny_adapter_cfg(kind, depth=[0.0, 0.75]), directions)
     train_cfg = TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 0, **train_kw})
     system = ContrastiveModule(model, adapter, directions, LossConfig(w_contrast=0.5), train_cfg, checksum)
     collate = PairCollator(tok.pad_token_id)

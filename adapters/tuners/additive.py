@@ -13,11 +13,7 @@ import torch
 from torch import nn
 
 from .. import hidden
-from .base import Adapter
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
+from .base import Adapter, param_key as _key
 
 
 class AdditiveAdapter(Adapter):

@@ -22,6 +22,11 @@ from torch import nn
 ATTR = "_contrastive_adapter"
 
 
+def param_key(module_name: str) -> str:
+    """A module name as a ParameterDict key (dots are not allowed there)."""
+    return module_name.replace(".", "__")
+
+
 def attached_adapter(model: nn.Module) -> "Adapter":
     adapter = model.__dict__.get(ATTR)
     if adapter is None:

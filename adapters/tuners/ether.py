@@ -25,11 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import hidden
-from .base import Adapter
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
+from .base import Adapter, param_key as _key
 
 
 class EtherAdapter(Adapter):

