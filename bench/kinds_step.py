@@ -91,7 +91,8 @@ def main() -> None:
         med = statistics.median(times)
         print(f"| {kind} | {n:,} | {med:.2f} | {min(times):.2f} | {med / ref:.2f}x |")
     v = statistics.median(verify)
-    calls = 5 + cfg.train.steps // cfg.train.val_every  # fit start/end, before/after saving, after eval, validations
+    # after directions, fit start, fit end, before and after saving, after evaluation, + each validation
+    calls = 6 + cfg.train.steps // cfg.train.val_every
     print(f"checksum verify (every base tensor): {v:.3f} s = {100 * v / ref:.1f}% of one LoRA step; "
           f"{calls} verifies in a {cfg.train.steps}-step run = {100 * calls * v / (cfg.train.steps * ref):.2f}% "
           "of its training time")
