@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from adapters import data, directions as dirs, evaluate
     from adapters.checkpoint import FOLDER as CKPT, CheckpointCallback, CheckpointError, ResumableSampler, load_checkpoint
+    from adapters.hidden import layer_index
     from adapters.io import write_json
     from adapters.models import BaseChecksum, ModelLoadError, base_fingerprint, load_base
     from adapters.module import ContrastiveModule
@@ -105,6 +106,13 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. the adapter and the Lightning system
     model, adapter = attach(model, cfg.adapter, directions)
     n_train = sum(p.numel() for p in adapter.trainable_parameters())
+    last_loss = max(layer_index(l) for l in directions.selected)
+    late = sorted({layer_index(t) for t in getattr(adapter, "targets", getattr(adapter, "layers", []))} - {-1})
+    late = [i for i in late if i > last_loss]
+    if late:
+        print(f"warning: adapter layers {late} come after the last loss layer ({last_loss}); they get gradient "
+              "only from the NLL barrier and mostly stay at the identity. Lower adapter.depth or select later "
+              "loss layers.")
     print(f"adapter {cfg.adapter.kind}: {n_train} trainable parameters [{time.time() - t0:.0f}s]")
     start, opt_state = 0, None
     if args.resume:

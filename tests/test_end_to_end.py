@@ -39,6 +39,22 @@ def lora_run(tiny_dir, tmp_path_factory):
     return Path(run_dir), cfg_path
 
 
+def test_adapters_after_the_last_loss_layer_are_flagged(tiny_dir, tmp_path, capsys):
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "road")
+    cfg["eval"]["enabled"] = False
+    cfg["train"]["steps"] = 1
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    load_train_module().main(["--config", str(path)])
+    out = capsys.readouterr().out
+    assert "warning: adapter layers [3] come after the last loss layer (2)" in out
+    cfg["adapter"]["depth"] = [0.0, 0.75]
+    cfg["log"]["name"] = "early"
+    path.write_text(yaml.safe_dump(cfg))
+    load_train_module().main(["--config", str(path)])
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_train_writes_a_complete_run(lora_run, tiny_dir):
     run_dir, cfg_path = lora_run
     assert run_dir == cfg_path.parent / "runs" / "tiny-lora"
