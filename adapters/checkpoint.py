@@ -57,20 +57,14 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, adapter, optimizer, fingerprint: str, seed: int) -> Path:
-    sd = optimizer.state_dict()
-    tensors, kinds = {}, {}
-    for idx, st in sd["state"].items():
-        for key, val in st.items():
-            t = val if torch.is_tensor(val) else torch.tensor(val)
-            tensors[f"state.{idx}.{key}"] = t
-            kinds[f"state.{idx}.{key}"] = "tensor" if torch.is_tensor(val) else type(val).__name__
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    sd = optimizer.state_dict()  # AdamW: every state value is a tensor (step included)
+    tensors = {f"state.{idx}.{key}": torch.as_tensor(val) for idx, st in sd["state"].items() for key, val in st.items()}
     dest = Path(run_dir) / FOLDER
     with atomic_folder(dest) as tmp:
         save_tensors(tmp / "adapter.safetensors", adapter.state_tensors(),
                      {"kind": adapter.kind, "step": step, "fingerprint": fingerprint})
         save_tensors(tmp / "optimizer.safetensors", tensors,
-                     {"step": step, "param_groups": groups, "value_types": kinds})
+                     {"step": step, "param_groups": sd["param_groups"]})
         write_json(tmp / "state.json", {"step": step, "seed": seed,
                                         "kind": adapter.kind, "fingerprint": fingerprint})
     return dest
@@ -90,12 +84,10 @@ def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int
         raise CheckpointError(f"{folder} holds a {state.get('kind')!r} adapter, the run's config a {adapter.kind!r}")
     tensors, _ = load_tensors(folder / "adapter.safetensors")
     adapter.load_state_tensors(tensors)
-    opt_tensors, meta = load_tensors(folder / "optimizer.safetensors")
     opt_state: dict[int, dict] = {}
-    for key, t in opt_tensors.items():
+    for key, t in load_tensors(folder / "optimizer.safetensors")[0].items():
         _, idx, name = key.split(".", 2)
-        kind = meta["value_types"][key]
-        opt_state.setdefault(int(idx), {})[name] = t if kind == "tensor" else (float(t) if kind == "float" else int(t))
+        opt_state.setdefault(int(idx), {})[name] = t
     return int(state["step"]), opt_state
 
 

@@ -24,10 +24,9 @@ from torch import nn
 from . import hidden
 from .io import atomic_folder, write_json
 from .steer import check_coeff
+from .tuners import KINDS
 from .tuners.base import ATTR, attached_adapter
-
-PEFT_KINDS = ("lora", "boft", "oft", "road")
-
+from .tuners.peft_base import PeftAdapter
 
 class ExportError(ValueError):
     """This adapter cannot be exported in the requested format."""
@@ -37,10 +36,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the frozen base model with no adapter attached (peft layers unloaded)."""
     dup = copy.deepcopy(model)
     dup.__dict__.pop(ATTR, None)
-    if hasattr(dup, "get_base_model"):  # a PeftModel: put the base Linear layers back
-        dup = dup.unload()
-    dup.__dict__.pop(ATTR, None)
-    return dup
+    return dup.unload() if hasattr(dup, "get_base_model") else dup  # a PeftModel: base Linears back
 
 
 def merged_model(model: nn.Module, c: float = 1.0) -> nn.Module:
@@ -78,8 +74,9 @@ def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = No
               base_name: str | None = None) -> Path:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     adapter = attached_adapter(model)
-    if adapter.kind not in PEFT_KINDS:
-        raise ExportError(f"a {adapter.kind!r} adapter is not a peft adapter (peft kinds: {', '.join(PEFT_KINDS)}); "
+    if not isinstance(adapter, PeftAdapter):
+        peft_kinds = sorted(k for k, cls in KINDS.items() if issubclass(cls, PeftAdapter))
+        raise ExportError(f"a {adapter.kind!r} adapter is not a peft adapter (peft kinds: {', '.join(peft_kinds)}); "
                           "export it merged (save_merged / `export --format merged`)"
                           + (" or as a control vector (--format gguf)" if adapter.kind == "additive" else ""))
     with atomic_folder(folder) as tmp:

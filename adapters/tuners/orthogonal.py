@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .peft_base import ADAPTER_NAME, PeftAdapter, positive_power, scaled
+from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
 def _skip_boft_cuda_build() -> None:
@@ -28,7 +28,7 @@ def _skip_boft_cuda_build() -> None:
         boft_layer._FBD_CUDA = False
 
 
-class _BlockRotation(PeftAdapter):
+class _BlockRotation(SwapAdapter):
     """Shared by BOFT and OFT: blocks of ``adapter.block_size`` must tile each input."""
 
     @classmethod

@@ -15,6 +15,7 @@ and enabled only inside ``apply``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 from typing import Callable
@@ -46,15 +47,16 @@ def positive_power(x: torch.Tensor, c, eps: float = 1e-4) -> torch.Tensor:
 
 
 class PeftAdapter(Adapter):
-    """Base of the peft kinds. A subclass sets ``kind``, ``param_prefixes``, ``layer_class``
-    (the peft tuner-layer class) and implements ``peft_config`` and ``at`` (the layer's
-    function at coefficient c, as a context manager)."""
+    """Base of the peft kinds. A subclass sets ``kind``, ``param_prefixes``,
+    ``layer_class_path`` (the peft tuner-layer class) and implements ``peft_config`` and
+    ``at`` (the layer's function at coefficient c, as a context manager)."""
 
     layer_class_path: tuple[str, str] = ("", "")
 
     @classmethod
+    @abc.abstractmethod
     def peft_config(cls, cfg, targets: list[str]):
-        raise NotImplementedError
+        """The peft config that adds this kind to ``targets``."""
 
     @classmethod
     def check_target(cls, name: str, module: nn.Module, cfg) -> None:
@@ -120,23 +122,10 @@ class PeftAdapter(Adapter):
 
     # -- the coefficient -------------------------------------------------------------------
 
-    def swaps(self, layer: nn.Module) -> list[Swap]:
-        """Swap kinds: which tensors of ``layer`` to replace by f(param, c)."""
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def at(self, layer: nn.Module, c):
-        """The tuner layer computes its function at coefficient c inside the block (no hooks:
-        used directly for merging, and per forward call by ``apply``)."""
-        swaps = self.swaps(layer)
-        saved = [(box, key, box._parameters[key]) for box, key, _ in swaps]
-        try:
-            for box, key, fn in swaps:
-                box._parameters[key] = fn(box._parameters[key], c)
-            yield
-        finally:
-            for box, key, param in saved:
-                box._parameters[key] = param
+    @abc.abstractmethod
+    def at(self, layer: nn.Module, c) -> contextlib.AbstractContextManager:
+        """The tuner layer computes its function at coefficient c inside the block (used
+        directly for merging, and around each forward call by ``coefficient``)."""
 
     @contextlib.contextmanager
     def apply(self, c):
@@ -192,3 +181,24 @@ class PeftAdapter(Adapter):
             dest.weight.data.copy_(base.weight.data)
             if dest.bias is not None:
                 dest.bias.data.copy_(base.bias.data)
+
+
+class SwapAdapter(PeftAdapter):
+    """Kinds without a peft scale (BOFT, OFT, RoAd): ``at`` swaps the tensors named by
+    ``swaps`` for f(param, c) and puts the Parameters back on exit."""
+
+    @abc.abstractmethod
+    def swaps(self, layer: nn.Module) -> list[Swap]:
+        """Which tensors of ``layer`` to replace by f(param, c)."""
+
+    @contextlib.contextmanager
+    def at(self, layer: nn.Module, c):
+        swaps = self.swaps(layer)
+        saved = [(box, key, box._parameters[key]) for box, key, _ in swaps]
+        try:
+            for box, key, fn in swaps:
+                box._parameters[key] = fn(box._parameters[key], c)
+            yield
+        finally:
+            for box, key, param in saved:
+                box._parameters[key] = param

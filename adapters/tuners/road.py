@@ -9,10 +9,10 @@ RoAd acts on the output side, so it also rotates the Linear's bias.
 
 from __future__ import annotations
 
-from .peft_base import ADAPTER_NAME, PeftAdapter, positive_power, scaled
+from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
-class RoadAdapter(PeftAdapter):
+class RoadAdapter(SwapAdapter):
     kind = "road"
     param_prefixes = ("road_",)
     layer_class_path = ("peft.tuners.road.layer", "RoadLayer")
