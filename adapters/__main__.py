@@ -5,7 +5,11 @@
     python -m adapters export --run runs/<name> --format merged|peft|gguf --out PATH [--coeff C]
         the adapter for serving (see adapters/export.py)
     python -m adapters compare --config configs/compare/kinds.yaml [--force]
-        train several configs and tabulate them side by side (see adapters/compare.py)
+        train several configs (and seeds) and tabulate them side by side (see adapters/compare.py)
+    python -m adapters eval --run runs/<name> [--questions FILE] [--probes ...] [--coeffs ...] [--out DIR]
+        the dose-response evaluation of a trained run against the baselines (adapters/evaluate.py)
+    python -m adapters sweep --config configs/sweep/layer_types.yaml [--force]
+        steering vectors over direction methods x layer types, one table (see adapters/sweep.py)
 """
 
 from __future__ import annotations
@@ -67,7 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="train several configs and compare them in one table")
     c.add_argument("--config", required=True, help="comparison config (e.g. configs/compare/kinds.yaml)")
     c.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    v = sub.add_parser("eval", help="evaluate a trained run against the baselines over a coefficient sweep")
+    v.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    v.add_argument("--questions", default=None,
+                   help="your own yes/no questions (.jsonl or .csv with fields question, honest: Yes|No); "
+                        "evaluated as the yes_no probe instead of the built-in probes")
+    v.add_argument("--probes", nargs="+", default=None, help="probe kinds (default: the run's eval.probes)")
+    v.add_argument("--coeffs", type=float, nargs="+", default=None, help="coefficients (default: the run's)")
+    v.add_argument("--baselines", nargs="*", default=None, help="baselines (default: the run's eval.baselines)")
+    v.add_argument("--out", default=None, help="report folder (default: <run>/eval)")
+    w = sub.add_parser("sweep", help="steering vectors over direction methods x layer types")
+    w.add_argument("--config", required=True, help="sweep config (e.g. configs/sweep/layer_types.yaml)")
+    w.add_argument("--force", action="store_true", help="recompute layer types already in <out>/parts")
     args = ap.parse_args(argv)
+    if args.cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(args)
+    if args.cmd == "eval":
+        return eval_main(args)
     if args.cmd == "compare":
         from .compare import main as compare_main
 
@@ -115,6 +137,54 @@ def export_main(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.format} to {path}")
+    return 0
+
+
+def eval_main(args) -> int:
+    from pathlib import Path
+
+    from . import evaluate
+    from .config import ConfigError, load_config
+    from .directions import Directions, DirectionsError
+    from .inputs import InputError, check_inputs
+    from .hidden import LayerError
+    from .models import ModelLoadError, base_fingerprint
+    from .probes import ProbeError, load_probe
+    from .run import RunError, load_run
+
+    run = Path(args.run)
+    try:
+        if not (run / "config.yaml").is_file():
+            raise RunError(f"{run} is not a run folder (no config.yaml)")
+        if args.questions and args.probes:
+            raise ConfigError("--questions evaluates your file as the yes_no probe; drop --probes")
+        over = [("eval.enabled", "true")]
+        if args.questions:
+            over += [("eval.yes_no", args.questions), ("eval.probes", "[yes_no]")]
+        if args.probes:
+            over.append(("eval.probes", "[" + ", ".join(args.probes) + "]"))
+        if args.coeffs:
+            over.append(("eval.coeffs", "[" + ", ".join(map(repr, args.coeffs)) + "]"))
+        if args.baselines is not None:
+            over.append(("eval.baselines", "[" + ", ".join(args.baselines) + "]"))
+        cfg = load_config(run / "config.yaml", over)
+        train_pairs, val_pairs = check_inputs(cfg)  # every input file checked before the model loads
+        model, tok = load_run(run)
+        directions = Directions.load(run, base_fingerprint(model))
+        probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
+    except (RunError, ConfigError, InputError, ProbeError, DirectionsError, ModelLoadError, LayerError,
+            FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
+    model.__dict__["_base_checksum"].verify(model, "after evaluation")
+    out = Path(args.out) if args.out else run / "eval"
+    title = f"Evaluation of {run.name}" + (f" on {args.questions}" if args.questions else "")
+    paths = evaluate.write_report(report, out, title=title)
+    if cfg.log.wandb != "disabled":
+        evaluate.log_wandb(report, paths, cfg.log.project, f"{run.name}-eval", cfg.log.wandb, out)
+    print(evaluate.markdown(report, title=title, rows=False))
+    print(f"wrote {paths['md']}")
     return 0
 
 

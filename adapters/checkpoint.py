@@ -3,6 +3,7 @@
     runs/<name>/checkpoint/
       adapter.safetensors     adapter tensors (header: kind, step, base fingerprint, format version)
       optimizer.safetensors   AdamW state tensors; header: step, param-group settings
+      base_cache.safetensors  the base model's per-pair reference computed so far (module.BaseCache)
       state.json              step, epoch, batch in epoch, seed
 
 Written every ``train.checkpoint_every`` steps into a temporary folder that replaces the
@@ -33,18 +34,31 @@ class ResumableSampler(torch.utils.data.Sampler):
     """Shuffled indices, one seeded permutation per epoch, starting at any (epoch, offset).
 
     The order depends only on (seed, epoch), so a run resumed at step k sees exactly the
-    batches an uninterrupted run sees from step k on.
+    batches an uninterrupted run sees from step k on. With ``world > 1`` (data-parallel
+    training) the epoch's order is cut to whole global batches of ``batch`` samples and rank
+    r takes every world-th sample from r: its per-rank batches of batch / world samples
+    together make exactly the global batch a single process would see.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0, rank: int = 0, world: int = 1,
+                 batch: int = 1):
         self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+        self.rank, self.world, self.batch = rank, world, batch
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
+    def _order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g)[self.offset:].tolist()
+        if self.world > 1:
+            order = order[: len(order) // self.batch * self.batch][self.rank::self.world]
+        return order
+
+    def __len__(self) -> int:
+        """A whole epoch's length, whatever the offset: Lightning reads it once as the number of
+        batches per epoch (a resumed first epoch just ends early)."""
+        return self.n if self.world == 1 else self.n // self.batch * self.batch // self.world
+
+    def __iter__(self):
+        order = self._order()
         self.epoch, self.offset = self.epoch + 1, 0
         return iter(order)
 
@@ -56,7 +70,8 @@ class ResumableSampler(torch.utils.data.Sampler):
         return epoch, batch * batch_size
 
 
-def save_checkpoint(run_dir: str | Path, step: int, adapter, optimizer, fingerprint: str, seed: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, adapter, optimizer, fingerprint: str, seed: int,
+                    base_cache: dict[str, torch.Tensor] | None = None) -> Path:
     sd = optimizer.state_dict()  # AdamW: every state value is a tensor (step included)
     tensors = {f"state.{idx}.{key}": torch.as_tensor(val) for idx, st in sd["state"].items() for key, val in st.items()}
     dest = Path(run_dir) / FOLDER
@@ -65,13 +80,15 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter, optimizer, fingerpr
                      {"kind": adapter.kind, "step": step, "fingerprint": fingerprint})
         save_tensors(tmp / "optimizer.safetensors", tensors,
                      {"step": step, "param_groups": sd["param_groups"]})
+        save_tensors(tmp / "base_cache.safetensors", base_cache or {}, {"step": step, "fingerprint": fingerprint})
         write_json(tmp / "state.json", {"step": step, "seed": seed,
                                         "kind": adapter.kind, "fingerprint": fingerprint})
     return dest
 
 
-def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int, dict]:
-    """Load the adapter tensors into ``adapter``; return (step, optimizer state_dict 'state')."""
+def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int, dict, dict]:
+    """Load the adapter tensors into ``adapter``; return (step, optimizer state_dict 'state',
+    base-cache tensors)."""
     folder = Path(run_dir) / FOLDER
     if not (folder / "state.json").is_file():
         raise CheckpointError(f"{folder} holds no checkpoint (state.json missing): the run stopped before its "
@@ -88,7 +105,8 @@ def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int
     for key, t in load_tensors(folder / "optimizer.safetensors")[0].items():
         _, idx, name = key.split(".", 2)
         opt_state.setdefault(int(idx), {})[name] = t
-    return int(state["step"]), opt_state
+    cache = load_tensors(folder / "base_cache.safetensors")[0] if (folder / "base_cache.safetensors").is_file() else {}
+    return int(state["step"]), opt_state, cache
 
 
 class CheckpointCallback(L.Callback):
@@ -100,8 +118,9 @@ class CheckpointCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.start_step + trainer.global_step
-        if self.every and step % self.every == 0 and 0 < step <= self.total:
-            save_checkpoint(self.run_dir, step, pl_module.adapter, trainer.optimizers[0], self.fingerprint, self.seed)
+        if trainer.is_global_zero and self.every and step % self.every == 0 and 0 < step <= self.total:
+            save_checkpoint(self.run_dir, step, pl_module.adapter, trainer.optimizers[0], self.fingerprint, self.seed,
+                            pl_module.base_cache.state_tensors())
 
 
 __all__ = ["CheckpointCallback", "CheckpointError", "ResumableSampler", "load_checkpoint", "save_checkpoint"]

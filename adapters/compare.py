@@ -4,14 +4,19 @@ The comparison config lists training configs and overrides applied to all of the
 
     runs: [configs/honesty.yaml, configs/boft.yaml, ...]
     overrides: {train.steps: 50, eval.probes: [self_report]}
+    seeds: [0, 1, 2]          # optional: each config trained once per seed
+    probes: [self_report]     # optional: one table per probe (default self_report)
     out: runs/compare-kinds
 
 Each run trains in its own process (``train.py``) into ``<out>/<config stem>/``; a run whose
 report already exists is reused (``--force`` retrains) and one with a checkpoint is resumed, so
-an interrupted comparison continues where it stopped. The table (``<out>/comparison.md/.csv/.json``) has one row per run:
-trainable parameters, seconds per training step, the summary of the trained adapter on the
-first probe (score, slope, r2, valid_frac), neutral ΔNLL at c = -1 / +1, and the held-out
-projection separation at c = -1 / 0 / +1 (mean over the loss layers).
+an interrupted comparison continues where it stopped. The tables (``<out>/comparison.md/.csv/.json``)
+have, per probe, one row per config: trainable parameters, seconds per training step, the
+summary of the trained adapter (score, slope, r2, valid_frac), neutral ΔNLL at c = -1 / +1, and the held-out
+projection separation at c = -1 / 0 / +1 (mean over the loss layers). With several seeds a
+run is ``<config stem>-s<seed>`` and its row holds the mean over seeds, with the score's
+standard deviation (``score_std``, ddof 1) beside it. The baselines (prompting, steering
+vectors, base) come from the first config's runs, averaged over its seeds the same way.
 """
 
 from __future__ import annotations
@@ -21,12 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, overrides_from, read_yaml
 from .io import atomic_write_text, read_json, write_json
 
-COLUMNS = ("run", "kind", "trainable_params", "step_s", "score", "slope", "r2", "valid_frac",
+COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "score_std", "slope", "r2", "valid_frac",
            "dnll_-1", "dnll_+1", "sep_-1", "sep_0", "sep_+1")
 
 
@@ -39,27 +42,29 @@ def _train_script() -> Path:
 
 def load_spec(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"comparison config {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    unknown = set(spec) - {"runs", "overrides", "out", "probe"} if isinstance(spec, dict) else {"(not a mapping)"}
+    spec = read_yaml(path, "comparison config")
+    unknown = set(spec) - {"runs", "overrides", "out", "probes", "seeds"}
     if unknown:
-        raise ConfigError(f"{path}: a comparison config has the keys runs, overrides, out, probe; "
+        raise ConfigError(f"{path}: a comparison config has the keys runs, overrides, out, probes, seeds; "
                           f"unexpected: {sorted(unknown)}")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers, got {seeds!r}")
+    probes = spec.get("probes", ["self_report"])
+    if not isinstance(probes, list) or not probes or not all(isinstance(p, str) for p in probes):
+        raise ConfigError(f"{path}: `probes` must list probe kinds, got {probes!r}")
     runs = spec.get("runs") or []
     if not runs or not all(isinstance(r, str) for r in runs):
         raise ConfigError(f"{path}: `runs` must list training config files")
-    overrides = [(k, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-                  if not isinstance(v, str) else v) for k, v in (spec.get("overrides") or {}).items()]
+    overrides = overrides_from(spec.get("overrides"))
     root = Path(__file__).resolve().parents[1]  # relative paths: from the cwd, else the checkout
     runs = [r if Path(r).is_file() else str(root / r) for r in runs]
     for r in runs:  # validate every config (with the overrides) before training anything
         load_config(r, overrides)
     return {"runs": runs, "overrides": overrides, "out": Path(spec.get("out", "runs/compare")),
-            "probe": spec.get("probe", "self_report")}
+            "probes": probes, "seeds": seeds}
 
 
 def run_row(run_dir: Path, probe: str = "self_report") -> dict:
@@ -80,10 +85,35 @@ def run_row(run_dir: Path, probe: str = "self_report") -> dict:
             "dnll_+1": dnll.get(1.0, math.nan), "sep_-1": sep(-1.0), "sep_0": sep(0.0), "sep_+1": sep(1.0)}
 
 
+def mean_over_seeds(rows: list[dict], name: str) -> dict:
+    """One row from the same config trained with several seeds: means, and the score's std.
+
+    A seed whose score is NaN (fewer than 3 valid coefficients: that seed broke the model) is
+    not averaged away: the row's score is then NaN too, and ``seeds`` reads "k/n valid"."""
+    import statistics
+
+    def finite(v):
+        return isinstance(v, (int, float)) and not math.isnan(v)
+
+    valid = [r for r in rows if finite(r.get("score"))]
+    seeds = len(rows) if len(valid) == len(rows) else f"{len(valid)}/{len(rows)} valid"
+    out = {"run": name, "kind": rows[0]["kind"], "seeds": seeds, "trainable_params": rows[0].get("trainable_params")}
+    for c in COLUMNS[4:]:
+        if c == "score_std" or c not in rows[0]:
+            continue
+        vals = [r[c] for r in rows if finite(r.get(c))]
+        out[c] = statistics.fmean(vals) if vals else math.nan
+    if len(valid) < len(rows):
+        out["score"] = math.nan
+    out["score_std"] = statistics.stdev(r["score"] for r in valid) if 1 < len(valid) == len(rows) else math.nan
+    return out
+
+
 def baseline_rows(run_dir: Path, probe: str = "self_report") -> list[dict]:
     report = read_json(run_dir / "report.json")
-    return [{"run": r["method"], "kind": "baseline", "score": r["score"], "slope": r["slope"], "r2": r["r2"],
-             "valid_frac": r["valid_frac"]} for r in report["summary"] if r["method"] != "adapter" and r["probe"] == probe]
+    return [{"run": r["method"], "kind": "baseline", "trainable_params": None, "score": r["score"],
+             "slope": r["slope"], "r2": r["r2"], "valid_frac": r["valid_frac"]}
+            for r in report["summary"] if r["method"] != "adapter" and r["probe"] == probe]
 
 
 def _fmt(v, signed: bool = True) -> str:
@@ -97,24 +127,35 @@ def _fmt(v, signed: bool = True) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    head = ["run", "kind", "trainable params", "s/step", "score", "slope", "r2", "valid_frac",
-            "ΔNLL -1", "ΔNLL +1", "sep -1", "sep 0", "sep +1"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c), signed=c not in ("step_s", "r2", "valid_frac"))
-                                       for c in COLUMNS) + " |")
-    lines += ["", "score/slope/r2/valid_frac: the trained adapter's dose-response on the probe over the sweep "
-              "(baselines: the same probe, from the first run). ΔNLL: neutral-text NLL change (nats/token). "
-              "sep: held-out (h_pos - h_neg)·v / s at the loss layers (mean)."]
+    """One table per probe (rows carry a ``probe`` key; rows without one form a single table)."""
+    lines = [f"# {title}", ""]
+    for probe in dict.fromkeys(r.get("probe") for r in rows):
+        lines += ([f"## {probe}", ""] if probe else []) + _table([r for r in rows if r.get("probe") == probe]) + [""]
+    lines += ["score/slope/r2/valid_frac: the trained adapter's dose-response on the probe over the sweep "
+              "(baselines: the same probe and runs). ΔNLL: neutral-text NLL change (nats/token). "
+              "sep: held-out (h_pos - h_neg)·v / s at the loss layers (mean). With seeds: means over the "
+              "seeds, ± the score's standard deviation."]
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    head = ["run", "kind", "seeds", "trainable params", "s/step", "score", "± std", "slope", "r2", "valid_frac",
+            "ΔNLL -1", "ΔNLL +1", "sep -1", "sep 0", "sep +1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c), signed=c not in ("step_s", "r2", "valid_frac", "score_std"))
+                                       for c in COLUMNS) + " |")
+    return lines
 
 
 def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
     out: Path = spec["out"]
     script = _train_script()
+    seeds = spec.get("seeds")
+    jobs = [(Path(p).stem, p, None) for p in spec["runs"]] if not seeds else \
+        [(f"{Path(p).stem}-s{s}", p, s) for p in spec["runs"] for s in seeds]
     folders = []
-    for cfg_path in spec["runs"]:
-        name = Path(cfg_path).stem
+    for name, cfg_path, seed in jobs:
         folder = out / name
         folders.append(folder)
         if (folder / "report.json").is_file() and (folder / "timing.json").is_file() and not force:
@@ -126,15 +167,26 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
             cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name]
             for k, v in spec["overrides"]:
                 cmd += [f"--{k}", v]
+            if seed is not None:
+                cmd += ["--train.seed", str(seed)]
         log(f"[compare] {name}: {' '.join(cmd)}")
         subprocess.run(cmd, check=True)
-    rows = [run_row(f, spec["probe"]) for f in folders]
-    rows += baseline_rows(folders[0], spec["probe"])
-    title = f"Adapter kinds on probe {spec['probe']}"
+    n = len(seeds) if seeds else 1
+    rows, per_run = [], []
+    for probe in spec["probes"]:
+        runs = [{**run_row(f, probe), "probe": probe} for f in folders]
+        per_run += runs
+        rows += [{**mean_over_seeds(runs[i:i + n], Path(spec["runs"][i // n]).stem), "probe": probe}
+                 for i in range(0, len(runs), n)]
+        base = [baseline_rows(f, probe) for f in folders[:n]]  # the first config's runs (one per seed)
+        rows += [{**mean_over_seeds([b[j] for b in base], base[0][j]["run"]), "kind": "baseline", "probe": probe}
+                 for j in range(len(base[0]))]
+    title = "Trained adapters and baselines, by probe"
+    cols = ("probe",) + COLUMNS
     atomic_write_text(out / "comparison.md", markdown(rows, title))
-    atomic_write_text(out / "comparison.csv", ",".join(COLUMNS) + "\n" + "".join(
-        ",".join("" if r.get(c) is None else str(r.get(c)) for c in COLUMNS) + "\n" for r in rows))
-    write_json(out / "comparison.json", {"probe": spec["probe"], "rows": rows})
+    atomic_write_text(out / "comparison.csv", ",".join(cols) + "\n" + "".join(
+        ",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n" for r in rows))
+    write_json(out / "comparison.json", {"probes": spec["probes"], "rows": rows, "runs": per_run})
     log(markdown(rows, title))
     return rows
 

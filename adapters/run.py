@@ -57,7 +57,7 @@ def load_run(folder: str | Path, device: str = "auto", dtype: str | None = None)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
     cfg: Config = load_config(folder / "config.yaml")
-    model, tok = load_base(cfg.model.name, dtype or cfg.model.dtype, device)
+    model, tok = load_base(cfg.model.name, dtype or cfg.model.dtype, device, cfg.model.quantization)
     checksum = BaseChecksum(model)
     model, adapter = load_adapter(model, folder / "adapter.safetensors")
     checksum.verify(model, "after loading the adapter")

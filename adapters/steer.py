@@ -62,9 +62,10 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
             raise CoefficientError(f"adapter kind {adapter.kind!r} takes one coefficient per forward pass, not "
                                    "one per example; loop over the coefficients (kinds with per-example "
                                    f"coefficients: {', '.join(batched)})")
-    adapter.active = True
+    off = is_zero(c) and not (torch.is_tensor(c) and c.requires_grad)
+    adapter.active, adapter.coeff = True, None if off else c
     try:
-        with adapter.off() if is_zero(c) and not (torch.is_tensor(c) and c.requires_grad) else adapter.apply(c):
+        with adapter.off() if off else adapter.apply(c):
             yield model
     finally:
-        adapter.active = False
+        adapter.active, adapter.coeff = False, None

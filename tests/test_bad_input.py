@@ -39,7 +39,7 @@ CASES = {
     "pair longer than max_length": (lambda t: {"data": {"max_length": 8}}, r"more than data.max_length=8"),
     "max_length beyond the context": (lambda t: {"data": {"max_length": 100000}}, r"exceeds the model's context of 512"),
     "unknown adapter kind": (lambda t: {"adapter": {"kind": "lorax"}}, r"adapter.kind='lorax' is not valid; choose one of \['additive', 'boft'"),
-    "unknown direction method": (lambda t: {"directions": {"method": "pca"}}, r"directions.method='pca' is not valid; choose one of \['mean_diff', 'pca_diff'\]"),
+    "unknown direction method": (lambda t: {"directions": {"method": "pca"}}, r"directions.method='pca' is not valid; choose one of \[.*'fisher_steer_reg1'.*'pca_diff'.*'svd_grad'"),
     "layer pattern matches nothing": (lambda t: {"adapter": {"layers": ["model.layers.{N}.mlp.down"]}},
                                       r"adapter.layers: layer pattern 'model.layers.\{N\}.mlp.down' matches no module.*Valid patterns"),
     "unknown config key": (lambda t: {"train": {"stpes": 3}}, r"did you mean 'steps'"),

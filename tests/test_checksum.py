@@ -42,8 +42,11 @@ def test_checksum_catches_tiny_changes_and_swaps():
     u[17] = torch.nextafter(u[17], torch.tensor(float("inf")))  # one ulp
     assert tensor_checksum(u) != base
     w = t.clone()
-    w[[3, 900]] = w[[900, 3]]  # a swap across chunks keeps the plain sum
+    w[[2, 3, 600, 601]] = w[[600, 601, 2, 3]]  # 8-byte words 1 and 300 swap across chunks: same plain sum
     assert tensor_checksum(w)[0] == base[0]
+    assert tensor_checksum(w) != base
+    w = t.clone()  # word 1 (the first of 64 chunks of 7 words) and word 450 (in the 52-word tail) swap
+    w[[2, 3, 900, 901]] = w[[900, 901, 2, 3]]
     assert tensor_checksum(w) != base
     z = t.clone()
     z[0] = -z[0]  # sign bit

@@ -35,8 +35,20 @@ def test_run_row_reads_the_probe_and_averages_layers(tmp_path):
     assert (row["sep_-1"], row["sep_0"], row["sep_+1"]) == (-0.5, 0.5, 1.5)  # mean over layers a, b
     with pytest.raises(ValueError, match="no adapter row for probe 'yes_no'"):
         compare.run_row(tmp_path / "r", probe="yes_no")
-    md = compare.markdown([row] + compare.baseline_rows(tmp_path / "r"), "t")
-    assert "| r | boft | 1,234 | 2.50 | +0.500 | +1.000 | 0.90 | 1.00 |" in md and "| prompting | baseline |" in md
+    md = compare.markdown([{**row, "seeds": 1}] + compare.baseline_rows(tmp_path / "r"), "t")
+    assert "| r | boft | 1 | 1,234 | 2.50 | +0.500 | – | +1.000 | 0.90 | 1.00 |" in md and "| prompting | baseline |" in md
+
+
+def test_seeds_are_averaged_with_the_score_std(tmp_path):
+    a = compare.run_row(fake_run(tmp_path / "a"))
+    b = {**a, "score": 1.5, "slope": 3.0, "dnll_-1": math.nan}
+    row = compare.mean_over_seeds([a, b], "cfg")
+    assert row["run"] == "cfg" and row["seeds"] == 2 and row["kind"] == "boft"
+    assert row["score"] == pytest.approx(1.0) and row["score_std"] == pytest.approx(2 ** 0.5 / 2)
+    assert row["slope"] == pytest.approx(2.0)
+    assert row["dnll_-1"] == pytest.approx(-0.01)  # NaN seeds are left out of the mean
+    broken = compare.mean_over_seeds([a, {**b, "score": math.nan}], "cfg")
+    assert math.isnan(broken["score"]) and broken["seeds"] == "1/2 valid"  # a broken seed is not averaged away
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -44,7 +56,9 @@ def test_run_row_reads_the_probe_and_averages_layers(tmp_path):
     ({"runs": ["configs/boft.yaml"], "colour": 1}, "unexpected: \\['colour'\\]"),
     ({"runs": ["nope.yaml"]}, "does not exist"),
     ({"runs": ["configs/boft.yaml"], "overrides": {"train.stpes": 3}}, "did you mean 'steps'"),
-    (["a list"], "not a mapping"),
+    ({"runs": ["configs/boft.yaml"], "seeds": [0, 0]}, "distinct integers"),
+    ({"runs": ["configs/boft.yaml"], "seeds": ["a"]}, "distinct integers"),
+    (["a list"], "must be a mapping, not list"),
 ])
 def test_bad_specs_are_refused_before_training(tmp_path, spec, match):
     path = tmp_path / "c.yaml"
@@ -63,9 +77,26 @@ def test_compare_trains_tabulates_and_resumes(tiny_dir, tmp_path):
     rows = compare.compare(spec, log=lambda *_: None)
     assert rows[0]["run"] == "road" and rows[0]["kind"] == "road" and rows[0]["trainable_params"] > 0
     assert not math.isnan(rows[0]["sep_0"])
-    assert [r["run"] for r in rows[1:]] == ["pca_vector", "prompting"]
+    assert [r["run"] for r in rows[1:]] == ["prompting", "pca_vector", "mean_diff", "random", "base"]
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("| road | road |") == 1
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"] == json.loads(json.dumps(rows))
     logged = []
     compare.compare(spec, log=logged.append)  # finished runs are reused, not retrained
     assert any("finished run found, reused" in m for m in logged)
+
+
+def test_compare_over_seeds(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, tmp_path / "unused", "additive")
+    cfg["eval"]["baselines"] = ["base"]
+    (tmp_path / "add.yaml").write_text(yaml.safe_dump(cfg))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"runs": [str(tmp_path / "add.yaml")], "out": str(tmp_path / "cmp"),
+                                         "seeds": [0, 1], "overrides": {"train.steps": 1}}))
+    rows = compare.compare(compare.load_spec(spec_path), log=lambda *_: None)
+    assert rows[0]["run"] == "add" and rows[0]["seeds"] == 2
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == ["add-s0", "add-s1"]
+    seeds = [compare.load_config(tmp_path / "cmp" / f"add-s{s}" / "config.yaml").train.seed for s in (0, 1)]
+    assert seeds == [0, 1]
+    per_run = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
+    assert [r["run"] for r in per_run] == ["add-s0", "add-s1"]
+    assert rows[0]["dnll_+1"] == pytest.approx(sum(r["dnll_+1"] for r in per_run) / 2)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters import data, evaluate
+from adapters import data, probes
 from adapters.config import ConfigError, DataConfig, EvalConfig, load_config, parse_overrides
 
 # 150 examples per property in the default run; FUZZ_EXAMPLES=2000 for a longer search
@@ -60,11 +60,11 @@ def test_probe_loaders(content, kind):
     field = {"words": "self_report_words", "neutral": "neutral"}.get(kind, kind)
     try:
         if kind == "neutral":
-            assert evaluate.neutral_texts(str(path))
+            assert probes.neutral_texts(str(path))
         else:
-            got = evaluate.probe_rows("self_report" if kind == "words" else kind, EvalConfig(**{field: str(path)}))
+            got = probes.probe_rows("self_report" if kind == "words" else kind, EvalConfig(**{field: str(path)}))
             assert got["rows"]
-    except evaluate.ProbeError as e:
+    except probes.ProbeError as e:
         assert str(path) in str(e)
     finally:
         path.unlink()
@@ -107,6 +107,6 @@ def test_fuzz_targets_accept_valid_input(tmp_path):
     assert len(data.load_pairs(DataConfig(pairs=str(p)))) == 1
     f = tmp_path / "f.jsonl"
     f.write_text(json.dumps({"prefix": "a", "true": "b", "false": "c"}) + "\n")
-    assert evaluate.probe_rows("facts", EvalConfig(facts=str(f)))["rows"]
+    assert probes.probe_rows("facts", EvalConfig(facts=str(f)))["rows"]
     with pytest.raises(ConfigError):
         load_config(None, parse_overrides(["--train.steps", "0"]))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.config import LossConfig
-from adapters.loss import bound, contrastive_loss, nll_barrier, projection_terms, token_nll
+from adapters.loss import bound, contrastive_loss, nll_barrier, project, projection_terms, token_nll
 
 BOUNDS_AGGS = list(itertools.product(["clamp", "tanh"], ["pair", "token"]))
 
@@ -30,8 +30,8 @@ def random_states(B=3, T=6, D=5, seed=0):
 @pytest.mark.parametrize("how,aggregate", BOUNDS_AGGS)
 def test_terms_flip_sign_with_c(how, aggregate):
     h, h_base, v, mask = random_states()
-    up = projection_terms(h, h_base, v, 0.7, mask, 1.0, 2.0, how, aggregate)
-    down = projection_terms(h, h_base, v, 0.7, mask, -1.0, 2.0, how, aggregate)
+    up = projection_terms(h, project(h_base, v, 0.7), v, 0.7, mask, 1.0, 2.0, how, aggregate)
+    down = projection_terms(h, project(h_base, v, 0.7), v, 0.7, mask, -1.0, 2.0, how, aggregate)
     for key in ("contrast", "shift"):
         assert torch.equal(down[key], -up[key]), key
         assert up[key] != 0
@@ -54,17 +54,17 @@ def hand_states():
 def test_projection_terms_hand_values():
     h, h_base, v, mask = hand_states()
     # Δ tokens (suffix): 1, 3 -> pair mean 2; shift tokens: pos 1, 2 ; neg -2, 2
-    t = projection_terms(h, h_base, v, 1.0, mask, 1.0, 10.0, "clamp", "pair")
+    t = projection_terms(h, project(h_base, v, 1.0), v, 1.0, mask, 1.0, 10.0, "clamp", "pair")
     assert t["contrast"].item() == pytest.approx(-2.0)
     assert t["shift"].item() == pytest.approx(-(1.5 + 0.0) / 2)
     assert t["proj_contrast"].item() == pytest.approx(2.0)
     # the scale s divides every projection
-    t2 = projection_terms(h, h_base, v, 2.0, mask, 1.0, 10.0, "clamp", "pair")
+    t2 = projection_terms(h, project(h_base, v, 2.0), v, 2.0, mask, 1.0, 10.0, "clamp", "pair")
     assert t2["contrast"].item() == pytest.approx(-1.0)
     # per-token aggregation bounds each token: clamp(1, 1.5) and clamp(3, 1.5)
-    tt = projection_terms(h, h_base, v, 1.0, mask, 1.0, 1.5, "clamp", "token")
+    tt = projection_terms(h, project(h_base, v, 1.0), v, 1.0, mask, 1.0, 1.5, "clamp", "token")
     assert tt["contrast"].item() == pytest.approx(-(1.0 + 1.5) / 2)
-    tp = projection_terms(h, h_base, v, 1.0, mask, 1.0, 1.5, "clamp", "pair")
+    tp = projection_terms(h, project(h_base, v, 1.0), v, 1.0, mask, 1.0, 1.5, "clamp", "pair")
     assert tp["contrast"].item() == pytest.approx(-1.5)
 
 
@@ -73,8 +73,8 @@ def test_masked_tokens_are_ignored():
     h2 = h.clone()
     h2[:, 0] = 1e6  # the unmasked first position holds garbage (padding / prompt)
     for agg in ("pair", "token"):
-        a = projection_terms(h, h_base, v, 1.0, mask, 1.0, 10.0, "clamp", agg)
-        b = projection_terms(h2, h_base, v, 1.0, mask, 1.0, 10.0, "clamp", agg)
+        a = projection_terms(h, project(h_base, v, 1.0), v, 1.0, mask, 1.0, 10.0, "clamp", agg)
+        b = projection_terms(h2, project(h_base, v, 1.0), v, 1.0, mask, 1.0, 10.0, "clamp", agg)
         assert torch.equal(a["contrast"], b["contrast"]) and torch.equal(a["shift"], b["shift"])
 
 
@@ -98,7 +98,7 @@ def test_bound_limits_at_k(how):
 def test_large_projection_gives_exactly_minus_c_k():
     h, h_base, v, mask = hand_states()
     for c in (1.0, -1.0):
-        t = projection_terms(h * 1000, h_base, v, 1.0, mask, c, 3.0, "clamp", "pair")
+        t = projection_terms(h * 1000, project(h_base, v, 1.0), v, 1.0, mask, c, 3.0, "clamp", "pair")
         assert t["contrast"].item() == -c * 3.0
 
 
@@ -115,6 +115,15 @@ def test_nll_barrier_zero_inside_margin_positive_outside():
     assert out["nll_barrier"].item() == pytest.approx((0.5 ** 2 + 0.0 + 1.0 ** 2) / 3, rel=1e-5)
     out3 = nll_barrier(above, base, mask, margin=0.1, power=3.0)
     assert out3["nll_barrier"].item() == pytest.approx((0.5 ** 3 + 1.0) / 3, rel=1e-5)
+
+
+def test_nll_barrier_weighs_each_row_once():
+    base = torch.zeros(2, 4)
+    mask = torch.tensor([[False, False, False, True], [True, True, True, True]])
+    nll = torch.tensor([[0.0, 0.0, 0.0, 2.1], [0.1, 0.1, 0.1, 1.1]])  # excess over 0.1: row 0: 2; row 1: 0, 0, 0, 1
+    out = nll_barrier(nll, base, mask, margin=0.1, power=1.0)
+    assert out["nll_barrier"].item() == pytest.approx((2.0 + 0.25) / 2)  # not the token mean (2 + 1) / 5
+    assert out["dnll"].item() == pytest.approx((2.1 + 1.4 / 4) / 2)
 
 
 def test_token_nll_matches_cross_entropy():
@@ -156,8 +165,9 @@ def test_contrastive_loss_is_the_weighted_sum(how, aggregate):
     scale = {layers[0]: 0.5, layers[1]: 2.0}
     cfg = LossConfig(w_contrast=0.3, w_shift=1.0, clamp=1.5, bound=how, aggregate=aggregate,
                      nll_weight=10.0, nll_margin=0.1, nll_power=2.0)
-    up = contrastive_loss(h, hb, nll, nll_base, mask, v, scale, 1.0, cfg)
-    down = contrastive_loss(h, hb, nll, nll_base, mask, v, scale, -1.0, cfg)
+    pb = {l: project(hb[l], v[l], scale[l]) for l in layers}
+    up = contrastive_loss(h, pb, nll, nll_base, mask, v, scale, 1.0, cfg)
+    down = contrastive_loss(h, pb, nll, nll_base, mask, v, scale, -1.0, cfg)
     for t in (up, down):
         want = 0.3 * t["contrast"] + 1.0 * t["shift"] + 10.0 * t["nll_barrier"]
         torch.testing.assert_close(t["loss"], want)
@@ -165,7 +175,7 @@ def test_contrastive_loss_is_the_weighted_sum(how, aggregate):
         for l in layers:
             assert f"proj_contrast/{l}" in t and f"proj_shift/{l}" in t
     # mean over the loss layers of the per-layer terms
-    per = [projection_terms(h[l], hb[l], v[l], scale[l], mask, 1.0, 1.5, how, aggregate) for l in layers]
+    per = [projection_terms(h[l], project(hb[l], v[l], scale[l]), v[l], scale[l], mask, 1.0, 1.5, how, aggregate) for l in layers]
     torch.testing.assert_close(up["contrast"], (per[0]["contrast"] + per[1]["contrast"]) / 2)
     torch.testing.assert_close(down["contrast"], -up["contrast"])
     torch.testing.assert_close(down["shift"], -up["shift"])

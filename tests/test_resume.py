@@ -123,7 +123,6 @@ def test_sampler_position_continues_the_same_order():
     s = ResumableSampler(10, seed=3)
     for _ in range(3):
         full += list(s)
-    batches = [full[i:i + 3] for i in range(0, len(full), 3)]
     for step in range(7):  # drop_last=False: 4 batches per epoch of 10 (3, 3, 3, 1)
         epoch, offset = ResumableSampler.position(step, 10, 3, drop_last=False)
         tail = list(ResumableSampler(10, 3, epoch, offset))

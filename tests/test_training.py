@@ -108,3 +108,97 @@ def test_base_change_caught_at_the_next_validation(tiny, tiny_directions):
     with pytest.raises(BaseModelChanged, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         t.fit(system, train, val)
     assert plant.batches == 1, "training went on after the base model changed"
+
+
+def _base_forwards(system, monkeypatch) -> list:
+    calls, forward = [], system._forward
+
+    def counting(batch, c):
+        if not torch.is_tensor(c) and c == 0.0:
+            calls.append(batch["input_ids"].shape[0])
+        return forward(batch, c)
+
+    monkeypatch.setattr(system, "_forward", counting)
+    return calls
+
+
+def test_the_base_reference_is_computed_once_per_pair(tiny, tiny_directions, monkeypatch):
+    _, _, system, train, _ = setup_system(tiny, tiny_directions, "lora")
+    batch = next(iter(train))
+    calls = _base_forwards(system, monkeypatch)
+    first = system.step_terms(batch)
+    assert calls == [8]  # one no-grad base pass over the 4 pairs
+    again = system.step_terms(batch)
+    assert calls == [8], "a cached pair went through the base model again"
+    assert torch.equal(first["loss"], again["loss"])
+    # a batch with two known and two new pairs: only the new ones go through the base model
+    other = next(b for b in train if len(set(b["index"].tolist()) & set(batch["index"].tolist())) < 4)
+    system.step_terms(other)
+    assert calls[1] == 2 * len(set(other["index"].tolist()) - set(batch["index"].tolist()))
+
+
+def test_the_cached_reference_is_the_base_model(tiny, tiny_directions):
+    _, _, system, train, _ = setup_system(tiny, tiny_directions, "ether")
+    batch = next(iter(train))
+    p_base = assert_reference_is_a_fresh_base_pass(system, batch)
+    mask = batch["suffix_mask"].bool()
+    assert all((p_base[l][~mask] == 0).all() for l in system.layers)
+
+
+def assert_reference_is_a_fresh_base_pass(system, batch) -> dict:
+    from adapters.loss import project
+
+    p_base, nll_base = system.base_reference(batch)
+    with torch.no_grad():
+        h, nll = system._forward(batch, 0.0)
+    mask = batch["suffix_mask"].bool()
+    for l in system.layers:
+        want = project(h[l], system.vectors[l], system.scale[l])
+        torch.testing.assert_close(p_base[l][mask], want[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nll_base[mask], nll[mask], atol=1e-5, rtol=1e-5)
+    return p_base
+
+
+@pytest.mark.parametrize("kind", ["lora", "additive", "road"])
+def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind):
+    from conftest import randomize
+
+    _, adapter, system, train, _ = setup_system(tiny, tiny_directions, kind)
+    randomize(adapter, std=0.2)
+    batch = next(iter(train))
+    got = system.policy_passes(batch)
+    for c in (1.0, -1.0):
+        h, nll = system._forward(batch, c)
+        for l in system.layers:
+            torch.testing.assert_close(got[c][0][l], h[l], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got[c][1], nll, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got[1.0][1], got[-1.0][1]), "the two signs gave the same pass"
+
+
+def test_the_base_cache_survives_a_checkpoint(tiny, tiny_directions, tmp_path):
+    from adapters.checkpoint import load_checkpoint, save_checkpoint
+
+    _, adapter, system, train, _ = setup_system(tiny, tiny_directions, "lora")
+    batch = next(iter(train))
+    system.base_reference(batch)
+    opt = system.configure_optimizers()["optimizer"]
+    save_checkpoint(tmp_path, 1, adapter, opt, "fp", 0, system.base_cache.state_tensors())
+    _, _, cache = load_checkpoint(tmp_path, adapter, "fp")
+    restored = ContrastiveModule(system.model, adapter, tiny_directions, system.loss_cfg, system.train_cfg,
+                                 system.checksum, base_cache=cache)
+    assert set(restored.base_cache.entries) == set(batch["index"].tolist())
+    a, b = system.base_reference(batch), restored.base_reference(batch)
+    assert all(torch.equal(a[0][l], b[0][l]) for l in system.layers) and torch.equal(a[1], b[1])
+
+
+def test_cached_references_fit_any_later_batch(tiny, tiny_directions):
+    """Pairs cached in one batch, then assembled at another width and row order, equal a fresh
+    base pass over the new batch (right alignment, row placement)."""
+    model, adapter, system, _, _ = setup_system(tiny, tiny_directions, "lora")
+    tok = tiny[1]
+    enc = encode_pairs(tok, make_pairs(6), 96)
+    collate = PairCollator(tok.pad_token_id)
+    system.base_reference(collate([enc[4], enc[1]]))
+    later = collate([enc[0], enc[1], enc[5], enc[4]])
+    assert later["input_ids"].shape[1] != collate([enc[4], enc[1]])["input_ids"].shape[1]
+    assert_reference_is_a_fresh_base_pass(system, later)

@@ -46,6 +46,8 @@ class Adapter(nn.Module, abc.ABC):
         self.__dict__["model"] = model  # a reference, not a submodule: base params stay out
         self.cfg = cfg
         self.active = False
+        self.coeff = None
+        """The coefficient of the enclosing ``steer`` block (None outside one, or at c = 0)."""
 
     def bind(self, model: nn.Module) -> None:
         """Make ``steer(model, c)`` find this adapter."""

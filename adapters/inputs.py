@@ -1,0 +1,69 @@
+"""Every input of a run checked before anything is written: all problems reported at once.
+
+``check_inputs`` reads the pairs, probe and neutral-text files (no model needed);
+``check_model_inputs`` checks what depends on the loaded model (layer patterns, context
+length, tokenised pairs). Each raises one InputError listing every problem.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """One or more bad inputs; the message lists each problem and what to fix."""
+
+
+def _raise_if(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise InputError(f"input error: {problems[0]}")
+    if problems:
+        raise InputError(f"input errors ({len(problems)}):\n  - " + "\n  - ".join(problems))
+
+
+def check_inputs(cfg):
+    """Pairs, probe and neutral-text files: (train, val) pairs, or InputError listing every problem."""
+    from . import data, probes
+
+    problems, split = [], ([], [])
+    try:
+        pairs = data.load_pairs(cfg.data)
+        split = data.split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
+    except data.PairsError as e:
+        problems.append(str(e))
+    if cfg.eval.enabled:
+        for kind in cfg.eval.probes:
+            try:
+                probes.probe_rows(kind, cfg.eval)
+            except probes.ProbeError as e:
+                problems.append(str(e))
+        try:
+            probes.neutral_texts(cfg.eval.neutral)
+        except probes.ProbeError as e:
+            problems.append(str(e))
+    _raise_if(problems)
+    return split
+
+
+def check_model_inputs(cfg, model, tok, train_pairs, val_pairs):
+    """What depends on the model: layer patterns, context length, tokenised pairs (all at once)."""
+    from . import data, hidden
+
+    problems, encoded = [], ([], [])
+    for what, patterns, depth in (("directions.candidates", cfg.directions.candidates, cfg.directions.depth),
+                                  ("adapter.layers", cfg.adapter.layers, cfg.adapter.depth)):
+        try:
+            hidden.resolve(model, patterns, depth)
+        except hidden.LayerError as e:
+            problems.append(f"{what}: {e}")
+    context = getattr(hidden.base_model_of(model).config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        problems.append(f"data.max_length={cfg.data.max_length} exceeds the model's context of {context} tokens")
+    if cfg.train.devices > 1 and len(train_pairs) < cfg.train.batch_size:
+        problems.append(f"{len(train_pairs)} training pairs do not fill one global batch of train.batch_size="
+                        f"{cfg.train.batch_size} across {cfg.train.devices} devices: add pairs or lower the batch")
+    try:
+        encoded = (data.encode_pairs(tok, train_pairs, cfg.data.max_length),
+                   data.encode_pairs(tok, val_pairs, cfg.data.max_length))
+    except data.PairsError as e:
+        problems.append(str(e))
+    _raise_if(problems)
+    return encoded

@@ -1,0 +1,165 @@
+"""Steering-vector sweep over direction methods x layer types (the research log's table).
+
+    python -m adapters sweep --config configs/sweep/layer_types.yaml
+
+The sweep config names a training config for the model, data and evaluation settings, the
+layer types and the direction methods, and overrides for that config::
+
+    config: configs/honesty.yaml
+    layer_types: [model.layers.{N}, model.layers.{N}.mlp.down_proj, ...]
+    methods: [pca_diff, mean_diff, svd_grad, fisher_steer_reg2, ...]
+    baselines: [prompting, base]            # evaluated once, in the same table
+    overrides: {eval.probes: [self_report], directions.n_layers: 3}
+    out: runs/sweep-layer-types
+
+For each layer type the directions of every method are fitted from one collection of hidden
+states (and one forward/backward for the gradient methods) at the candidate layers of that
+type, the loss-layer rule of ``directions`` picks the layers, and the steering vector v_l·s_l
+at those layers is swept over eval.coeffs with every coefficient in one batched pass. A
+random direction of the pca_diff vector's norm is the per-type control. Rows are named
+``<layer type>:<method>``; the table is sorted by score. Finished layer types are kept in
+``<out>/parts/`` and reused when the sweep is run again with the same layer type, methods,
+coefficients, probes and model (``--force`` recomputes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, overrides_from, read_yaml
+from .io import read_json, write_json
+
+KEYS = {"config", "layer_types", "methods", "baselines", "overrides", "out"}
+
+
+def short_name(pattern: str) -> str:
+    """model.layers.{N}.mlp.down_proj -> mlp.down_proj; model.layers.{N} -> layers."""
+    tail = pattern.split("{N}", 1)[1].lstrip(".") if "{N}" in pattern else pattern
+    return tail or "layers"
+
+
+def load_spec(path: str | Path) -> dict:
+    from .directions import METHODS
+
+    path = Path(path)
+    spec = read_yaml(path, "sweep config")
+    if set(spec) - KEYS:
+        raise ConfigError(f"{path}: a sweep config has the keys {sorted(KEYS)}; unexpected: {sorted(set(spec) - KEYS)}")
+    problems = []
+    types, methods = spec.get("layer_types") or [], spec.get("methods") or []
+    if not types or not all(isinstance(t, str) for t in types):
+        problems.append("`layer_types` must list module patterns such as model.layers.{N}.mlp")
+    if not methods or not all(isinstance(m, str) for m in methods):
+        problems.append("`methods` must list direction methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        problems.append(f"unknown direction methods {unknown}; valid: {list(METHODS)}")
+    baselines = spec.get("baselines", ["prompting", "base"]) or []
+    bad = [b for b in baselines if b not in ("prompting", "base")]
+    if bad:
+        problems.append(f"sweep baselines may be prompting and base, got {bad}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    overrides = overrides_from(spec.get("overrides"))
+    cfg_path = spec.get("config", "configs/honesty.yaml")
+    root = Path(__file__).resolve().parents[1]
+    cfg_path = cfg_path if Path(cfg_path).is_file() else str(root / cfg_path)
+    cfg = load_config(cfg_path, overrides)
+    return {"cfg": cfg, "layer_types": types, "methods": methods, "baselines": baselines,
+            "out": Path(spec.get("out", "runs/sweep"))}
+
+
+def _slug(pattern: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", short_name(pattern))
+
+
+def sweep(spec: dict, force: bool = False, log=print):
+    """Run the sweep; return the Report (every layer type x method, plus the baselines)."""
+    import torch
+
+    from . import evaluate
+    from .directions import fit_methods
+    from .models import BaseChecksum, load_base
+    from .probes import load_probe
+    from .inputs import check_inputs, check_model_inputs
+
+    cfg, out = spec["cfg"], spec["out"]
+    torch.set_num_threads(cfg.train.threads)
+    train_pairs, val_pairs = check_inputs(cfg)
+    model, tok = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantization)
+    checksum = BaseChecksum(model)
+    cfg_types = dataclasses.replace(cfg, directions=dataclasses.replace(cfg.directions, candidates=spec["layer_types"]))
+    check_model_inputs(cfg_types, model, tok, train_pairs, val_pairs)
+    probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
+    report = evaluate.Report()
+
+    def run_part(name: str, what: dict, make_methods):
+        path = out / "parts" / f"{name}.json"
+        what = {**what, "coeffs": cfg.eval.coeffs, "probes": cfg.eval.probes, "model": cfg.model.name}
+        part = read_json(path) if path.is_file() and not force else None
+        if part is not None and part.get("what") == what:
+            log(f"[sweep] {name}: reused {path}")
+        else:
+            log(f"[sweep] {name}")
+            r = evaluate.run_sweep(model, tok, make_methods(), probes, cfg.eval, log)
+            part = {"what": what, "rows": r.rows, "summary": r.summary}
+            write_json(path, part)
+        report.rows.extend(part["rows"])
+        report.summary.extend(part["summary"])
+
+    if spec["baselines"]:
+        baselines = {"prompting": lambda: evaluate.prompting_method(model, cfg.data.positive, cfg.data.negative,
+                                                                    cfg.eval.prompt_template),
+                     "base": lambda: evaluate.base_method(model)}
+        run_part("baselines", {"baselines": spec["baselines"]}, lambda: [baselines[b]() for b in spec["baselines"]])
+    for pattern in spec["layer_types"]:
+        ltype = short_name(pattern)
+
+        def methods(pattern=pattern, ltype=ltype):
+            dcfg = dataclasses.replace(cfg.directions, candidates=[pattern])
+            fitted = fit_methods(model, tok, train_pairs, val_pairs, dcfg, cfg.data.max_length, spec["methods"])
+            ms = [evaluate.vector_method(model, evaluate.pca_vectors(d), cfg.eval.coeffs, f"{ltype}:{name}")
+                  for name, d in fitted.items()]
+            ref = evaluate.pca_vectors(fitted.get("pca_diff", next(iter(fitted.values()))))
+            ms.append(evaluate.vector_method(model, evaluate.random_vectors(ref, cfg.train.seed), cfg.eval.coeffs,
+                                             f"{ltype}:random"))
+            return ms
+
+        run_part(_slug(pattern), {"pattern": pattern, "methods": spec["methods"]}, methods)
+        checksum.verify(model, f"after the {ltype} sweep")
+    evaluate._signal_notes(report)
+    return report
+
+
+def write(report, out: Path, title: str, wandb_mode: str = "disabled", project: str = "contrastive-adapters"):
+    from . import evaluate
+
+    paths = evaluate.write_report(report, out, title=title, plot_top=8)
+    if wandb_mode != "disabled":
+        evaluate.log_wandb(report, paths, project=project, name=out.name, mode=wandb_mode, folder=out)
+    return paths
+
+
+def main(args) -> int:
+    from .directions import DirectionsError
+    from .hidden import LayerError
+    from .inputs import InputError
+    from .models import ModelLoadError
+    from .probes import ProbeError
+
+    try:
+        spec = load_spec(args.config)
+        report = sweep(spec, force=args.force)
+    except (ConfigError, InputError, ProbeError, LayerError, DirectionsError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    title = f"Steering vectors: methods x layer types ({spec['cfg'].model.name})"
+    paths = write(report, spec["out"], title, spec["cfg"].log.wandb, spec["cfg"].log.project)
+    from . import evaluate
+
+    print(evaluate.markdown(report, title, rows=False))
+    print(f"wrote {paths['md']}")
+    return 0

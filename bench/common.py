@@ -1,0 +1,40 @@
+"""What the step benchmarks share: arguments, and the base model, directions and batch they time on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def step_args(doc: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bundled")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=6, help="pairs per step (the default train.batch_size)")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args()
+
+
+def step_setup(args):
+    """(config of configs/honesty.yaml, frozen base, tokenizer, directions from 48 built-in pairs,
+    a batch of ``args.batch`` other pairs on the model's device)."""
+    import torch
+
+    from adapters import data, directions as dirs
+    from adapters.config import load_config
+    from adapters.models import base_fingerprint, load_base
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "honesty.yaml")
+    base, tok = load_base(args.model, args.dtype, "auto")
+    pairs = data.load_pairs(cfg.data)
+    d = dirs.compute(base, tok, pairs[:48], pairs[48:64], cfg.directions, cfg.data.max_length, base_fingerprint(base))
+    batch = data.PairCollator(tok.pad_token_id)(data.encode_pairs(tok, pairs[64:64 + args.batch], cfg.data.max_length))
+    device = next(base.parameters()).device
+    return cfg, base, tok, d, {k: v.to(device) for k, v in batch.items()}

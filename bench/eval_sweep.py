@@ -1,0 +1,83 @@
+"""Batched coefficient sweep vs the per-coefficient loop, side by side on the same model.
+
+    python bench/eval_sweep.py [--model bundled] [--dtype auto] [--repeats 3] [--kind lora]
+
+The evaluation sweep of a per-example kind (additive, LoRA, ETHER, the steering-vector
+baselines) runs every coefficient of eval.coeffs in the same forward passes (rows item-major,
+each row at its own c). This times ``evaluate.score_method`` on the default probes and the
+neutral text, batched and looped, alternating (so a slow-down of the machine hits both), for
+the adapter kind of configs/<kind>.yaml with random non-zero parameters and for the PCA-style
+steering vector, and prints the median seconds, the speed-up and the largest |Δy| between
+the two paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KIND_CONFIGS = {"lora": "honesty", "additive": "additive", "ether": "ether"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bundled")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kind", default="lora", choices=sorted(KIND_CONFIGS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from adapters import evaluate
+    from adapters.config import load_config
+    from adapters.hidden import output_dim, resolve
+    from adapters.models import load_base
+    from adapters.probes import load_probe, neutral_texts
+    from adapters.tuners import attach
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / "configs" / f"{KIND_CONFIGS[args.kind]}.yaml")
+    model, tok = load_base(args.model, args.dtype, "auto")
+    model, adapter = attach(model, cfg.adapter)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    ev = cfg.eval
+    probes = [load_probe(k, ev, tok) for k in ev.probes]
+    neutral = neutral_texts(ev.neutral, ev.neutral_items)
+    layers = resolve(model, ["model.layers.{N}"], [0.5, 0.7])
+    dim = output_dim(model, layers[0])
+    vectors = {l: torch.randn(dim, generator=g) * 2.0 for l in layers}
+    methods = {f"adapter ({args.kind})": evaluate.adapter_method(model, ev.coeffs),
+               "steering vector": evaluate.vector_method(model, vectors, ev.coeffs)}
+    items = sum(len(p.user) for p in probes)
+    print(f"model {args.model} ({model.dtype}), {torch.get_num_threads()} threads; coefficients {ev.coeffs}; "
+          f"probes {ev.probes} ({items} items) + {len(neutral)} neutral paragraphs; batch_size {ev.batch_size}")
+    print(f"{'method':<20} {'looped s':>9} {'batched s':>9} {'speed-up':>9} {'max |Δy|':>9}")
+    for name, m in methods.items():
+        looped = evaluate.Method(m.name, m.coeffs, m.context, m.system, per_example=False)
+        times = {"looped": [], "batched": []}
+        out = {}
+        evaluate.score_method(model, tok, m, probes[:1], neutral[:1], ev.batch_size)  # warm-up
+        for _ in range(args.repeats):
+            for label, meth in (("looped", looped), ("batched", m)):
+                t = time.perf_counter()
+                out[label] = evaluate.score_method(model, tok, meth, probes, neutral, ev.batch_size)
+                times[label].append(time.perf_counter() - t)
+        tl, tb = statistics.median(times["looped"]), statistics.median(times["batched"])
+        dy = max(float(np.abs(out["looped"][0][k] - out["batched"][0][k]).max()) for k in out["looped"][0])
+        print(f"{name:<20} {tl:>9.2f} {tb:>9.2f} {tl / tb:>8.2f}x {dy:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Training throughput and peak GPU memory: Qwen3-0.6B with a 4-bit base, on a GPU.
+
+    python bench/gpu_qwen.py [--model Qwen/Qwen3-0.6B] [--steps 10] [--batch 6]
+
+Skips (exit 0, one line saying why) when there is no CUDA device or the model cannot be
+loaded (no network / not in the local Hugging Face cache). Otherwise: the LoRA of
+configs/models/qwen3-0.6b.yaml on the nf4-quantized base, directions from 48 built-in pairs,
+then ``--steps`` training steps (steady state: base reference cached, both signs in one
+pass), side by side with the same base in bf16; prints tokens per second (tokens through
+the model with grad per step / seconds) and torch.cuda.max_memory_allocated per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=6)
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return
+    from adapters import data, directions as dirs
+    from adapters.config import load_config
+    from adapters.models import BaseChecksum, ModelLoadError, base_fingerprint, load_base
+    from adapters.module import ContrastiveModule
+    from adapters.tuners import attach
+
+    cfg = load_config(ROOT / "configs" / "models" / "qwen3-0.6b.yaml")
+    pairs = data.load_pairs(cfg.data)
+    print(f"{torch.cuda.get_device_name()}; {args.model}, LoRA r={cfg.adapter.r}, {args.batch} pairs per step")
+    print("| base | tokens/s | s/step | peak GPU memory |")
+    print("|---|---:|---:|---:|")
+    for quant in ("4bit", "none"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            model, tok = load_base(args.model, "bfloat16", "cuda", quant)
+        except ModelLoadError as e:
+            print(f"skipped: {e}")
+            return
+        d = dirs.compute(model, tok, pairs[:48], pairs[48:64], cfg.directions, cfg.data.max_length,
+                         base_fingerprint(model))
+        model, adapter = attach(model, cfg.adapter, d)
+        system = ContrastiveModule(model, adapter, d, cfg.loss, cfg.train, BaseChecksum(model)).cuda()
+        opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-5)
+        enc = data.encode_pairs(tok, pairs[64:64 + args.batch], cfg.data.max_length)
+        batch = {k: v.cuda() for k, v in data.PairCollator(tok.pad_token_id)(enc).items()}
+        times = []
+        for i in range(args.steps + 1):  # the first step fills the base cache: not timed
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            system.step_terms(batch)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+        step = statistics.median(times)
+        tokens = 2 * batch["input_ids"].numel()  # [batch; batch] at c = +1 and -1
+        print(f"| {quant} | {tokens / step:,.0f} | {step:.3f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")
+        del system, model, adapter, opt
+
+
+if __name__ == "__main__":
+    main()
