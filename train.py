@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
     system = ContrastiveModule(model, adapter, directions, cfg.loss, cfg.train, checksum,
                                start_step=start, optimizer_state=opt_state, base_cache=base_cache)
     collate = data.PairCollator(tok.pad_token_id)
-    world = cfg.train.devices if cfg.train.strategy != "auto" else 1
+    world = cfg.train.devices  # 1 unless strategy=ddp (the config refuses devices > 1 otherwise)
     drop_last = len(encoded) > cfg.train.batch_size or world > 1
     epoch, offset = ResumableSampler.position(start, len(encoded), cfg.train.batch_size, drop_last)
     sampler = ResumableSampler(len(encoded), cfg.train.seed, epoch, offset, rank, world, cfg.train.batch_size)

@@ -144,7 +144,7 @@ def eval_main(args) -> int:
     from pathlib import Path
 
     from . import evaluate
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, overrides_from
     from .directions import Directions, DirectionsError
     from .inputs import InputError, check_inputs
     from .hidden import LayerError
@@ -158,15 +158,9 @@ def eval_main(args) -> int:
             raise RunError(f"{run} is not a run folder (no config.yaml)")
         if args.questions and args.probes:
             raise ConfigError("--questions evaluates your file as the yes_no probe; drop --probes")
-        over = [("eval.enabled", "true")]
-        if args.questions:
-            over += [("eval.yes_no", args.questions), ("eval.probes", "[yes_no]")]
-        if args.probes:
-            over.append(("eval.probes", "[" + ", ".join(args.probes) + "]"))
-        if args.coeffs:
-            over.append(("eval.coeffs", "[" + ", ".join(map(repr, args.coeffs)) + "]"))
-        if args.baselines is not None:
-            over.append(("eval.baselines", "[" + ", ".join(args.baselines) + "]"))
+        given = {"eval.enabled": True, "eval.yes_no": args.questions, "eval.probes": ["yes_no"] if args.questions
+                 else args.probes, "eval.coeffs": args.coeffs, "eval.baselines": args.baselines}
+        over = overrides_from({k: v for k, v in given.items() if v is not None})
         cfg = load_config(run / "config.yaml", over)
         train_pairs, val_pairs = check_inputs(cfg)  # every input file checked before the model loads
         model, tok = load_run(run)

@@ -320,11 +320,12 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg,
             report.summary.append({"method": m.name, "probe": p.kind, **s})
             log(f"  {m.name:>11} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
                 f"valid {s['valid_frac']:.2f} score {s['score']:.2f}")
-    _signal_notes(report)
+    signal_notes(report)
     return report
 
 
-def _signal_notes(report: Report) -> None:
+def signal_notes(report: Report) -> None:
+    """Add a note for each probe prompting cannot move (the probe has no signal on this model)."""
     for probe in sorted({r["probe"] for r in report.rows}):
         rows = {r["coeff"]: r for r in report.rows if r["method"] == "prompting" and r["probe"] == probe}
         if -1.0 in rows and 1.0 in rows:

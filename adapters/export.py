@@ -35,7 +35,8 @@ class ExportError(ValueError):
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the frozen base model with no adapter attached (peft layers unloaded)."""
     dup = copy.deepcopy(model)
-    dup.__dict__.pop(ATTR, None)
+    for m in (dup, hidden.base_model_of(dup)):
+        m.__dict__.pop(ATTR, None)
     return dup.unload() if hasattr(dup, "get_base_model") else dup  # a PeftModel: base Linears back
 
 

@@ -234,10 +234,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     layer runs forward and re-enters ``adapter.apply(c)`` around its recompute. Hooks on a
     decoder layer itself (additive vectors, recordings) stay outside the checkpoint (it wraps
     ``forward``, not ``__call__``)."""
-    from .tuners import STEERED_BY
+    from .tuners.base import ATTR
 
-    def context_fn():
-        adapter = model.__dict__.get(STEERED_BY)
+    def context_fn():  # the adapter bound to this model (Adapter.bind), at the forward's coefficient
+        adapter = model.__dict__.get(ATTR)
         c = None if adapter is None else adapter.coeff
         return contextlib.nullcontext(), _replay(adapter, c)
 

@@ -130,7 +130,7 @@ def sweep(spec: dict, force: bool = False, log=print):
 
         run_part(_slug(pattern), {"pattern": pattern, "methods": spec["methods"]}, methods)
         checksum.verify(model, f"after the {ltype} sweep")
-    evaluate._signal_notes(report)
+    evaluate.signal_notes(report)
     return report
 
 

@@ -21,7 +21,8 @@ from adapters.config import PRECISIONS, QUANTIZED_KINDS, ConfigError, LossConfig
 from adapters.io import load_tensors
 from adapters.models import BaseChecksum, base_fingerprint, enable_gradient_checkpointing, load_base
 from adapters.steer import steer
-from adapters.tuners import KINDS, STEERED_BY
+from adapters.tuners import KINDS
+from adapters.tuners.base import ATTR
 from conftest import attach_random, logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +293,7 @@ def test_gradient_checkpointing_recomputes_at_the_coefficient(tiny_dir, tiny_dir
     model, _ = load_base(tiny_dir, dtype="float32", device="cpu")
     enable_gradient_checkpointing(model)
     model, adapter = attach_random(model, "lora")
-    hidden.base_model_of(model).__dict__.pop(STEERED_BY)  # forget the adapter: no replay
+    hidden.base_model_of(model).__dict__.pop(ATTR)  # forget the adapter: no replay
     system = ContrastiveModule(model, adapter, tiny_directions, LossConfig(), TrainConfig(), BaseChecksum(model))
     system.train()
     with pytest.raises(CheckpointError):

@@ -43,10 +43,7 @@ def is_adapter_name(name: str) -> bool:
 def attach(model, cfg, directions=None):
     """Attach an adapter of kind ``cfg.kind``; returns (model to call, adapter).
 
-    Also: the plain transformers model inside knows its adapter (``STEERED_BY``), so activation
-    checkpointing (``models.enable_gradient_checkpointing``) can replay the coefficient of the
-    forward (``adapter.coeff``, set by ``steer``) in the backward recompute; on a bitsandbytes
-    base, peft's RoAd layers get their output dtype fixed."""
+    On a bitsandbytes base, peft's RoAd layers get their output dtype fixed."""
     from .. import hidden
 
     try:
@@ -54,15 +51,10 @@ def attach(model, cfg, directions=None):
     except KeyError:
         raise ValueError(f"unknown adapter kind {cfg.kind!r}; valid kinds: {sorted(KINDS)}") from None
     model, adapter = cls.attach(model, cfg, directions)
-    hidden.base_model_of(model).__dict__[STEERED_BY] = adapter
     if getattr(hidden.base_model_of(model), "is_quantized", False) and cfg.kind == "road":
         for layer in adapter.tuner_layers().values():
             layer.register_forward_hook(_output_in_input_dtype)
     return model, adapter
-
-
-STEERED_BY = "_steered_by"
-"""Key, in the plain transformers model's ``__dict__``, of the adapter attached to it."""
 
 
 def _output_in_input_dtype(_layer, args, out):

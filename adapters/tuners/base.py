@@ -50,8 +50,12 @@ class Adapter(nn.Module, abc.ABC):
         """The coefficient of the enclosing ``steer`` block (None outside one, or at c = 0)."""
 
     def bind(self, model: nn.Module) -> None:
-        """Make ``steer(model, c)`` find this adapter."""
+        """Make ``steer(model, c)`` find this adapter, on the model to call and on the plain
+        transformers model inside it (where activation checkpointing looks for it)."""
+        from ..hidden import base_model_of
+
         model.__dict__[ATTR] = self
+        base_model_of(model).__dict__[ATTR] = self
         self.__dict__["model"] = model
 
     @classmethod
