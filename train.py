@@ -119,6 +119,16 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"  loss layer {l}: corr {st['corr']:+.2f} val agreement {st['val_agreement']:.2f} "
               f"scale {st['scale']:.2f}")
 
+    # 3b. behaviour targets (loss.w_pref / w_distill / w_kl): the base model's own completions
+    # under each persona and its log-probs on them, from the cache when seen before
+    from adapters import behaviour as bh
+
+    try:
+        items, neutral = bh.prepare(cfg, model, tok, train_pairs, fingerprint, run_dir if zero else None)
+    except bh.BehaviourError as e:
+        sys.exit(f"behaviour error: {e}")
+    checksum.verify(model, "after the behaviour targets")
+
     # 4. the adapter and the Lightning system
     model, adapter = attach(model, cfg.adapter, directions)
     n_train = sum(p.numel() for p in adapter.trainable_parameters())
@@ -148,7 +158,9 @@ def main(argv: list[str] | None = None) -> Path:
             sys.exit(f"cannot resume: {e}")
         print(f"resuming {run_dir} at step {start} of {cfg.train.steps}")
     system = ContrastiveModule(model, adapter, directions, cfg.loss, cfg.train, checksum,
-                               start_step=start, optimizer_state=opt_state, base_cache=base_cache)
+                               start_step=start, optimizer_state=opt_state, base_cache=base_cache,
+                               behaviour=items, neutral=neutral, behaviour_cfg=cfg.behaviour,
+                               pad_id=tok.pad_token_id)
     collate = data.PairCollator(tok.pad_token_id)
     world = cfg.train.devices  # 1 unless strategy=ddp (the config refuses devices > 1 otherwise)
     drop_last = len(encoded) > cfg.train.batch_size or world > 1
@@ -192,6 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
     t_eval = time.time()
     if cfg.eval.enabled:
         report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg)
+        report.examples = bh.examples(run_dir)
         checksum.verify(model, "after evaluation")
         paths = evaluate.write_report(report, run_dir, title=f"Evaluation of {name}")
         print(evaluate.markdown(report, title=f"Evaluation of {name}"))

@@ -12,11 +12,13 @@ Each run trains in its own process (``train.py``) into ``<out>/<config stem>/``;
 report already exists is reused (``--force`` retrains) and one with a checkpoint is resumed, so
 an interrupted comparison continues where it stopped. The tables (``<out>/comparison.md/.csv/.json``)
 have, per probe, one row per config: trainable parameters, seconds per training step, the
-summary of the trained adapter (score, slope, r2, valid_frac), neutral ΔNLL at c = -1 / +1, and the held-out
-projection separation at c = -1 / 0 / +1 (mean over the loss layers). With several seeds a
-run is ``<config stem>-s<seed>`` and its row holds the mean over seeds, with the score's
-standard deviation (``score_std``, ddof 1) beside it. The baselines (prompting, steering
-vectors, base) come from the first config's runs, averaged over its seeds the same way.
+summary of the trained adapter (score, slope, r2, monotone, valid_frac), neutral ΔNLL at
+c = -1 / +1, the shift within the ΔNLL budget up / down, and the held-out projection
+separation at c = -1 / 0 / +1 (mean over the loss layers). With several seeds a run is
+``<config stem>-s<seed>`` and its row holds the mean over seeds, with the standard deviation
+(ddof 1) of score, slope, r2 and the shifts beside them (``<column>_std``); ``monotone`` is then
+the share of seeds whose dose-response is monotone. The baselines (prompting, steering vectors,
+peers, base) come from the first config's runs, averaged over its seeds the same way.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from pathlib import Path
 from .config import ConfigError, load_config, overrides_from, read_yaml
 from .io import atomic_write_text, read_json, write_json
 
-COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "score_std", "slope", "r2", "valid_frac",
-           "dnll_-1", "dnll_+1", "sep_-1", "sep_0", "sep_+1")
+COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "slope", "r2", "monotone", "valid_frac",
+           "dnll_-1", "dnll_+1", "shift_up", "shift_down", "sep_-1", "sep_0", "sep_+1")
+WITH_STD = ("score", "slope", "r2", "shift_up", "shift_down")
+"""Columns shown as mean ± standard deviation over seeds."""
+SUMMARY_KEYS = ("score", "slope", "r2", "monotone", "valid_frac", "shift_up", "shift_down")
 
 
 def _train_script() -> Path:
@@ -80,9 +85,15 @@ def run_row(run_dir: Path, probe: str = "self_report") -> dict:
         return sum(vals) / len(vals) if vals else math.nan
 
     return {"run": run_dir.name, "kind": timing.get("kind", "?"), "trainable_params": timing.get("trainable_parameters"),
-            "step_s": timing.get("step_seconds", math.nan), "score": summ["score"], "slope": summ["slope"],
-            "r2": summ["r2"], "valid_frac": summ["valid_frac"], "dnll_-1": dnll.get(-1.0, math.nan),
+            "step_s": timing.get("step_seconds", math.nan), **_summary(summ), "dnll_-1": dnll.get(-1.0, math.nan),
             "dnll_+1": dnll.get(1.0, math.nan), "sep_-1": sep(-1.0), "sep_0": sep(0.0), "sep_+1": sep(1.0)}
+
+
+def _summary(summ: dict) -> dict:
+    """A report's summary row as comparison columns (monotone as 0 / 1, so seeds average it)."""
+    out = {k: summ.get(k, math.nan) for k in SUMMARY_KEYS}
+    out["monotone"] = float(summ["monotone"]) if "monotone" in summ else math.nan
+    return out
 
 
 def mean_over_seeds(rows: list[dict], name: str) -> dict:
@@ -99,20 +110,21 @@ def mean_over_seeds(rows: list[dict], name: str) -> dict:
     seeds = len(rows) if len(valid) == len(rows) else f"{len(valid)}/{len(rows)} valid"
     out = {"run": name, "kind": rows[0]["kind"], "seeds": seeds, "trainable_params": rows[0].get("trainable_params")}
     for c in COLUMNS[4:]:
-        if c == "score_std" or c not in rows[0]:
+        if c not in rows[0]:
             continue
         vals = [r[c] for r in rows if finite(r.get(c))]
         out[c] = statistics.fmean(vals) if vals else math.nan
+        if c in WITH_STD:
+            out[f"{c}_std"] = statistics.stdev(vals) if 1 < len(vals) == len(rows) else math.nan
     if len(valid) < len(rows):
-        out["score"] = math.nan
-    out["score_std"] = statistics.stdev(r["score"] for r in valid) if 1 < len(valid) == len(rows) else math.nan
+        out["score"] = out["score_std"] = math.nan
     return out
 
 
 def baseline_rows(run_dir: Path, probe: str = "self_report") -> list[dict]:
     report = read_json(run_dir / "report.json")
-    return [{"run": r["method"], "kind": "baseline", "trainable_params": None, "score": r["score"],
-             "slope": r["slope"], "r2": r["r2"], "valid_frac": r["valid_frac"]}
+    return [{"run": r["method"], "kind": "baseline", "trainable_params": None, **_summary(r),
+             "dnll_-1": r.get("dnll_m1", math.nan), "dnll_+1": r.get("dnll_p1", math.nan)}
             for r in report["summary"] if r["method"] != "adapter" and r["probe"] == probe]
 
 
@@ -131,20 +143,27 @@ def markdown(rows: list[dict], title: str) -> str:
     lines = [f"# {title}", ""]
     for probe in dict.fromkeys(r.get("probe") for r in rows):
         lines += ([f"## {probe}", ""] if probe else []) + _table([r for r in rows if r.get("probe") == probe]) + [""]
-    lines += ["score/slope/r2/valid_frac: the trained adapter's dose-response on the probe over the sweep "
-              "(baselines: the same probe and runs). ΔNLL: neutral-text NLL change (nats/token). "
+    lines += ["score/slope/r2/monotone/valid_frac: the trained adapter's dose-response on the probe over the "
+              "fit range (baselines: the same probe and runs). ΔNLL: neutral-text NLL change (nats/token). "
+              "shift up / down: the largest move of the probe score above / below its value at c = 0 among "
+              "coefficients whose neutral ΔNLL is within the budget (eval.shift_budget). "
               "sep: held-out (h_pos - h_neg)·v / s at the loss layers (mean). With seeds: means over the "
-              "seeds, ± the score's standard deviation."]
+              "seeds ± standard deviation; monotone is then the share of seeds."]
     return "\n".join(lines) + "\n"
 
 
+def _cell(r: dict, c: str) -> str:
+    text = _fmt(r.get(c), signed=c not in ("step_s", "r2", "valid_frac", "monotone"))
+    std = r.get(f"{c}_std")
+    return text if std is None or (isinstance(std, float) and math.isnan(std)) else f"{text} ± {std:.2f}"
+
+
 def _table(rows: list[dict]) -> list[str]:
-    head = ["run", "kind", "seeds", "trainable params", "s/step", "score", "± std", "slope", "r2", "valid_frac",
-            "ΔNLL -1", "ΔNLL +1", "sep -1", "sep 0", "sep +1"]
+    head = ["run", "kind", "seeds", "trainable params", "s/step", "score", "slope", "r2", "monotone", "valid_frac",
+            "ΔNLL -1", "ΔNLL +1", "shift up", "shift down", "sep -1", "sep 0", "sep +1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c), signed=c not in ("step_s", "r2", "valid_frac", "score_std"))
-                                       for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |")
     return lines
 
 
@@ -182,7 +201,7 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
         rows += [{**mean_over_seeds([b[j] for b in base], base[0][j]["run"]), "kind": "baseline", "probe": probe}
                  for j in range(len(base[0]))]
     title = "Trained adapters and baselines, by probe"
-    cols = ("probe",) + COLUMNS
+    cols = ("probe",) + COLUMNS + tuple(f"{c}_std" for c in WITH_STD)
     atomic_write_text(out / "comparison.md", markdown(rows, title))
     atomic_write_text(out / "comparison.csv", ",".join(cols) + "\n" + "".join(
         ",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n" for r in rows))

@@ -187,14 +187,18 @@ class AdapterConfig:
 @dataclass
 class LossConfig:
     w_contrast: float = 1.0
-    """Weight of the ReprPO contrast term (separate pos from neg along v). Shift-only (0) moved
-    the held-out separation the wrong way and self-report by slope 0.37 on the report probes."""
+    """Weight of the ReprPO contrast term (separate pos from neg along v)."""
     w_shift: float = 1.0
     """Weight of the shift term (move both members along c·v relative to the base)."""
+    target: str = "clamp"
+    """Projection terms' target: clamp (maximise c·bound(projection), the card's loss) | linear
+    (Huber loss of the projection change to kappa·c: the representation moves with the dose)."""
+    kappa: float = 1.0
+    """linear target: projection change per unit c, in units of the reference separation s_l
+    (1 = the PCA steering vector's own step at its layer)."""
     clamp: float = 1.0
-    """k: each pair's projection (in units of the reference separation s_l) is bounded to [-k, k].
-    Chosen on the self-report *selection* probes (bundled model, 50 steps): k = 1 gave slope 1.27,
-    r2 0.84, valid_frac 1.0 there; k = 2 and 3 saturated at c > 0.5 and lost answer mass at c < 0."""
+    """k: each pair's projection (in units of the reference separation s_l) is bounded to [-k, k]
+    (target clamp)."""
     bound: str = "clamp"
     """clamp | tanh (k·tanh(p/k), smooth)."""
     aggregate: str = "pair"
@@ -205,15 +209,84 @@ class LossConfig:
     """τ: per-token NLL increase over the base allowed for free (nats)."""
     nll_power: float = 2.0
     """q of relu(nll - nll_base - τ)^q."""
+    w_pref: float = 0.0
+    """Weight of the signed preference term (BiPO-style DPO on the behaviour completions)."""
+    pref_beta: float = 0.1
+    """β of the preference term."""
+    pref_gamma: float = 1.0
+    """γ: the preference margin grows as γ·|c| (asks for more at larger doses)."""
+    w_distill: float = 0.0
+    """Weight of the persona distillation term (KL from the linear-in-c persona target)."""
+    w_kl: float = 0.0
+    """Weight of the neutral-text KL barrier relu(KL(p_c ‖ p_0) - kl_margin)."""
+    kl_margin: float = 0.02
+    """Free KL (nats per token) on neutral text before the barrier acts."""
+    coeffs: list[float] = field(default_factory=lambda: [1.0])
+    """Training coefficient magnitudes: each pair and behaviour prompt draws |c| from this list
+    every step and is trained at +|c| and -|c| (both signs in every batch)."""
+
+    @property
+    def behaviour(self) -> bool:
+        """Whether the behaviour completions are needed (preference or distillation on)."""
+        return self.w_pref > 0 or self.w_distill > 0
 
     def __post_init__(self):
         _one_of("loss.bound", self.bound, {"clamp", "tanh"})
         _one_of("loss.aggregate", self.aggregate, {"pair", "token"})
+        _one_of("loss.target", self.target, {"clamp", "linear"})
         _check(self.clamp > 0, "loss.clamp must be > 0")
-        _check(self.w_contrast >= 0 and self.w_shift >= 0 and self.nll_weight >= 0,
-               "loss weights must be >= 0")
-        _check(self.w_contrast + self.w_shift > 0, "loss.w_contrast + loss.w_shift must be > 0")
+        _check(self.kappa > 0, "loss.kappa must be > 0")
+        weights = (self.w_contrast, self.w_shift, self.nll_weight, self.w_pref, self.w_distill, self.w_kl)
+        _check(all(w >= 0 for w in weights), "loss weights must be >= 0")
+        _check(self.w_contrast + self.w_shift + self.w_pref + self.w_distill > 0,
+               "at least one of loss.w_contrast, w_shift, w_pref, w_distill must be > 0")
         _check(self.nll_power >= 1, "loss.nll_power must be >= 1")
+        _check(self.pref_beta > 0 and self.pref_gamma >= 0, "loss.pref_beta must be > 0 and loss.pref_gamma >= 0")
+        _check(self.kl_margin >= 0, "loss.kl_margin must be >= 0")
+        _check(len(self.coeffs) > 0 and all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0
+                                            for c in self.coeffs),
+               f"loss.coeffs must list positive finite magnitudes, got {self.coeffs}")
+
+
+@dataclass
+class BehaviourConfig:
+    """Completions for the behaviour terms (used when loss.w_pref or loss.w_distill > 0)."""
+
+    generate: bool = True
+    """Generate completions with the base model (else only user pairs' chosen / rejected)."""
+    prompts: str = "builtin"
+    """User questions, one per line: 'builtin' (120 of many kinds, none an evaluation probe) or a .txt file."""
+    max_prompts: int = 0
+    """0 = all questions."""
+    openings: int = 32
+    """Training-pair openings (suffixes) added as prompts, under behaviour.neutral_user."""
+    neutral_user: str = "Make a statement about the world."
+    """The persona-free user turn for openings (and user pairs without a 'prompt' field)."""
+    persona: str = "user"
+    """Where the persona goes when generating and in the teacher: user (data.template in the user
+    turn, as the pairs put it) | system (behaviour.system_template as the system prompt)."""
+    system_template: str = "You are {persona} person."
+    max_new_tokens: int = 32
+    """Greedy completion length."""
+    support: int = 64
+    """Teacher tokens kept per completion position (the top under any of the three teachers);
+    the rest of the vocabulary is one bucket."""
+    batch_size: int = 4
+    """Behaviour prompts per step (both completions of each, half the prompts at +|c| and half at -|c|)."""
+    neutral: str = "builtin"
+    """Neutral training text for the KL barrier, one passage per line ('builtin' or a .txt file;
+    not the evaluation's neutral paragraphs)."""
+    neutral_batch: int = 2
+    """Neutral passages per step (half at +|c|, half at -|c|, plus one no-grad base pass)."""
+    gen_batch_size: int = 16
+
+    def __post_init__(self):
+        _one_of("behaviour.persona", self.persona, {"user", "system"})
+        _check("{persona}" in self.system_template, "behaviour.system_template must contain '{persona}'")
+        _check(self.max_new_tokens >= 1 and self.support >= 1 and self.batch_size >= 1 and self.gen_batch_size >= 1,
+               "behaviour.max_new_tokens, support, batch_size and gen_batch_size must be >= 1")
+        _check(self.openings >= 0 and self.max_prompts >= 0 and self.neutral_batch >= 0,
+               "behaviour.openings, max_prompts and neutral_batch must be >= 0")
 
 
 @dataclass
@@ -318,6 +391,11 @@ class EvalConfig:
     had at c = 0 ..."""
     max_dnll: float = 1.0
     """... and the neutral-text NLL rises by at most this many nats per token."""
+    fit_range: float = 2.0
+    """slope, r2, score and monotone use the coefficients with |c| <= this (the dose range)."""
+    shift_budget: float = 0.15
+    """ΔNLL budget (nats per token) of the shift_up / shift_down columns: the largest move of the
+    probe score away from c = 0 among coefficients whose neutral-text ΔNLL is at most this."""
     n_boot: int = 1000
     batch_size: int = 16
 
@@ -345,6 +423,7 @@ class EvalConfig:
         _check("{persona}" in self.prompt_template, "eval.prompt_template must contain '{persona}'")
         _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
         _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
+        _check(self.fit_range > 0 and self.shift_budget > 0, "eval.fit_range and eval.shift_budget must be > 0")
 
 
 @dataclass
@@ -367,11 +446,16 @@ class Config:
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):  # checks across sections
+        world = self.train.devices
+        if self.loss.behaviour or self.loss.w_kl > 0:
+            _check(self.behaviour.batch_size % world == 0 and self.behaviour.neutral_batch % world == 0,
+                   f"behaviour.batch_size and behaviour.neutral_batch must divide by train.devices={world}")
         q, kind = self.model.quantization, self.adapter.kind
         _check(q == "none" or kind in QUANTIZED_KINDS,
                f"adapter.kind={kind!r} is not supported on a quantized base (model.quantization={q!r}); "

@@ -21,7 +21,15 @@ call the unsteered model broken.
 Summary per method and probe (the research log's table): slope, r2 and p_value of a linear
 fit of mean y on c over the valid coefficients (NaN with fewer than 3), valid_frac,
 score = |slope| · r2 · valid_frac², effect_size = |slope| / std(y at c = 0), min / max of
-mean y over valid coefficients.
+mean y over valid coefficients. The fit (slope, r2, p_value, score) uses the coefficients with
+|c| <= ``fit_range`` (the dose range; the sweep may go further to find the shift below).
+
+Shift within a ΔNLL budget (``shift_budget``, default 0.15 nats): among the coefficients whose
+neutral-text ΔNLL is at most the budget, the largest move of mean y above (shift_up) and below
+(shift_down) its value at c = 0. Rescaling c changes a slope but not this figure, so it compares
+methods whose coefficients mean different things (prompting, peers, adapters). ``monotone``:
+mean y moves the same way between every two neighbouring coefficients of [-fit_range, fit_range].
+dnll_m1 / dnll_p1: neutral ΔNLL at c = -1 / +1.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from .io import atomic_write_bytes, atomic_write_text, write_json
 from .probes import Probe, load_probe, neutral_texts
 from .steer import steer
 
-SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_value", "score", "min", "max")
+SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_value", "score", "min", "max", "monotone",
+                   "dnll_m1", "dnll_p1", "shift_up", "shift_down")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -156,11 +165,17 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[floa
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarize(coeffs, mean_y, valid, y0_items) -> dict:
-    """The research log's summary row from per-coefficient means and validity flags."""
+def summarize(coeffs, mean_y, valid, y0_items, dnll=None, fit_range: float = math.inf,
+              shift_budget: float = 0.15) -> dict:
+    """The research log's summary row from per-coefficient means and validity flags, plus the
+    dose-response shape (monotone, ΔNLL at ±1) and the shift within the ΔNLL budget."""
     from scipy import stats
 
     coeffs, mean_y, valid = np.asarray(coeffs, float), np.asarray(mean_y, float), np.asarray(valid, bool)
+    dnll = np.zeros_like(coeffs) if dnll is None else np.asarray(dnll, float)
+    shift = shift_within(coeffs, mean_y, dnll, shift_budget)  # over the whole sweep
+    inside = np.abs(coeffs) <= fit_range
+    coeffs, mean_y, valid, dnll_in = coeffs[inside], mean_y[inside], valid[inside], dnll[inside]
     valid_frac = float(valid.mean())
     out = {"valid_frac": valid_frac, "slope": math.nan, "r2": math.nan, "p_value": math.nan,
            "score": math.nan, "effect_size": math.nan, "min": math.nan, "max": math.nan}
@@ -174,7 +189,24 @@ def summarize(coeffs, mean_y, valid, y0_items) -> dict:
                    score=abs(float(fit.slope)) * r2 * valid_frac ** 2)
         sd = float(np.std(y0_items, ddof=1)) if len(y0_items) > 1 else math.nan
         out["effect_size"] = abs(float(fit.slope)) / sd if sd and sd > 0 else math.nan
+    steps = np.diff(mean_y[np.argsort(coeffs)])
+    out["monotone"] = bool(len(steps) >= 1 and (np.all(steps > 0) or np.all(steps < 0)))
+    at = dict(zip(coeffs.tolist(), dnll_in.tolist()))
+    out["dnll_m1"], out["dnll_p1"] = at.get(-1.0, math.nan), at.get(1.0, math.nan)
+    out.update(shift)
     return out
+
+
+def shift_within(coeffs, mean_y, dnll, budget: float = 0.15) -> dict:
+    """{shift_up, shift_down} >= 0: the largest move of mean y above / below its value at c = 0
+    among the coefficients whose ΔNLL is at most ``budget``."""
+    coeffs, mean_y, dnll = (np.asarray(x, float) for x in (coeffs, mean_y, dnll))
+    y0 = mean_y[coeffs == 0.0]
+    if not len(y0):
+        return {"shift_up": math.nan, "shift_down": math.nan}
+    ok = dnll <= budget
+    moved = mean_y[ok] - float(y0[0])
+    return {"shift_up": float(max(0.0, moved.max(initial=0.0))), "shift_down": float(max(0.0, -moved.min(initial=0.0)))}
 
 
 # --------------------------------------------------------------------------- methods
@@ -272,6 +304,7 @@ class Report:
     summary: list[dict] = field(default_factory=list)   # one per method x probe
     separation: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)  # behaviour completions shown in the report
 
 
 def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list[str], batch_size: int = 16):
@@ -316,10 +349,12 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg,
                                     "valid": ok})
                 means.append(float(y.mean()))
                 valid.append(ok)
-            s = summarize(m.coeffs, means, valid, y_all[i0])
+            dn = [float(nlls[j]) - base_nll for j in range(len(m.coeffs))]
+            s = summarize(m.coeffs, means, valid, y_all[i0], dn, cfg.fit_range, cfg.shift_budget)
             report.summary.append({"method": m.name, "probe": p.kind, **s})
-            log(f"  {m.name:>11} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
-                f"valid {s['valid_frac']:.2f} score {s['score']:.2f}")
+            log(f"  {m.name:>16} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
+                f"valid {s['valid_frac']:.2f} score {s['score']:.2f} shift@{cfg.shift_budget:g} "
+                f"+{s['shift_up']:.2f}/-{s['shift_down']:.2f}")
     signal_notes(report)
     return report
 
@@ -366,6 +401,8 @@ def held_out_separation(model, tokenizer, val_pairs, directions, max_length, met
 
 
 def _fmt(x, nd=2) -> str:
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.{nd}f}"
     return str(x)
@@ -405,6 +442,16 @@ def markdown(report: Report, title: str = "Evaluation", rows: bool = True) -> st
         lines.append("")
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.examples:
+        lines += ["## Behaviour targets (a few of the base model's own completions)", "",
+                  "The behaviour terms train the adapter, without the persona in its input, towards what the "
+                  "base model wrote with it.", "",
+                  "| prompt | positive persona | negative persona |", "|:---|:---|:---|"]
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        for e in report.examples:
+            lines.append(f"| {cell(e['user'] if not e['opening'] else e['opening'] + ' …')} | "
+                         f"{cell(e['opening'] + e['chosen'])} | {cell(e['opening'] + e['rejected'])} |")
+        lines.append("")
     lines += ["Validity: a coefficient is valid when the answer tokens keep at least half the probability "
               "mass they had at c = 0 (relative, because small models put little mass on any answer) and "
               "neutral-text ΔNLL is at most the configured bound. score = |slope|·r2·valid_frac².", ""]
@@ -468,7 +515,7 @@ def write_report(report: Report, folder: str | Path, title: str = "Evaluation", 
     atomic_write_text(paths["csv"], _csv(ranked, ("probe",) + SUMMARY_COLUMNS))
     atomic_write_text(paths["rows_csv"], _csv(report.rows, report.rows[0]))
     write_json(paths["json"], {"summary": report.summary, "rows": report.rows,
-                               "separation": report.separation, "notes": report.notes})
+                               "separation": report.separation, "notes": report.notes, "examples": report.examples})
     plot(report, paths["png"], plot_top)
     return paths
 

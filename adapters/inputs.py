@@ -29,6 +29,16 @@ def check_inputs(cfg):
         split = data.split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
     except data.PairsError as e:
         problems.append(str(e))
+    from . import behaviour
+
+    checks = [(cfg.loss.behaviour and cfg.behaviour.generate, behaviour.question_lines, cfg.behaviour.prompts),
+              (cfg.loss.w_kl > 0, behaviour.neutral_lines, cfg.behaviour.neutral)]
+    for needed, read, spec in checks:
+        try:
+            if needed:
+                read(spec)
+        except behaviour.BehaviourError as e:
+            problems.append(str(e))
     if cfg.eval.enabled:
         for kind in cfg.eval.probes:
             try:

@@ -4,9 +4,15 @@ Each step, on a batch [pos; neg] of pairs:
   1. the base model's reference for each pair (its hidden states projected on v_l at the loss
      layers, and its per-token NLL over the suffix) comes from ``BaseCache``: computed by one
      no-grad pass the first time a pair is seen, reused every later time (it never changes);
-  2. for c in (+1, -1) the policy (adapter at c) gives hidden states and NLL, and
-     ``loss.contrastive_loss`` turns them into named terms; the two losses are summed. A kind
-     with per-example coefficients runs both signs in one forward pass of 4B rows.
+  2. each pair draws a magnitude |c| from ``loss.coeffs`` (seeded by step and pair, so every
+     data-parallel rank and a resumed run draw the same); at +|c| and -|c| the policy (adapter
+     at c) gives hidden states and NLL, and ``loss.contrastive_loss`` turns them into named
+     terms; the two losses are summed. A kind with per-example coefficients runs both signs in
+     one forward pass of 4B rows, the others one pass per sign at one |c| per step;
+  3. with behaviour terms on, ``behaviour.batch_size`` prompts (each with its y_h and y_d, half
+     of them at +|c| and half at -|c|) give the preference and distillation terms, and
+     ``behaviour.neutral_batch`` neutral passages (signed the same way) give the KL barrier
+     against a no-grad base pass.
 Only adapter parameters are in the optimiser. The base-weights checksum is verified at fit
 start, after every validation and at fit end.
 """
@@ -14,16 +20,19 @@ start, after every validation and at fit end.
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
 import torch
 
+from . import behaviour as bh
 from . import hidden
-from .loss import contrastive_loss, masked_mean, project, token_nll
+from .loss import (completion_logprobs, contrastive_loss, distill_target, distill_terms, kl_barrier, masked_mean,
+                   preference_terms, project, sequence_logprob, support_logprobs, token_nll)
 from .models import BaseChecksum
 from .steer import steer
 
-COEFFS = (1.0, -1.0)
+COEFFS = (1.0, -1.0)  # the two signs every step trains
 
 
 class BaseCache:
@@ -72,8 +81,17 @@ class BaseCache:
 
 class ContrastiveModule(L.LightningModule):
     def __init__(self, model, adapter, directions, loss_cfg, train_cfg, checksum: BaseChecksum,
-                 start_step: int = 0, optimizer_state: dict | None = None, base_cache: dict | None = None):
+                 start_step: int = 0, optimizer_state: dict | None = None, base_cache: dict | None = None,
+                 behaviour: list | None = None, neutral: dict | None = None, behaviour_cfg=None,
+                 pad_id: int = 0):
+        """``behaviour``: (y_h, y_d) teacher items per prompt (``behaviour.teacher``); ``neutral``:
+        the neutral passages for the KL barrier as one batch (``behaviour.neutral_batch``)."""
         super().__init__()
+        self.behaviour, self.neutral, self.behaviour_cfg, self.pad_id = behaviour or [], neutral, behaviour_cfg, pad_id
+        if loss_cfg.behaviour and not self.behaviour:
+            raise ValueError("loss.w_pref / loss.w_distill > 0 need behaviour items (behaviour.teacher)")
+        if loss_cfg.w_kl > 0 and not self.neutral:
+            raise ValueError("loss.w_kl > 0 needs neutral passages (behaviour.neutral_lines)")
         self.start_step = start_step  # > 0 when resuming from a checkpoint at that step
         self.optimizer_state = optimizer_state
         self.model = model
@@ -121,29 +139,125 @@ class ContrastiveModule(L.LightningModule):
                 self.base_cache.put(index[j], proj, nll[pair, T - s:].float())
         return self.base_cache.assemble(index, suffix, T, batch["input_ids"].device)
 
-    def policy_passes(self, batch) -> dict[float, tuple[dict, torch.Tensor]]:
-        """Hidden states and NLL at c = +1 and c = -1: one forward pass of [batch; batch] with
-        per-row coefficients where the adapter kind takes them, else one pass per sign."""
+    def magnitudes(self, index: list[int], step: int) -> torch.Tensor:
+        """|c| per pair at this step, drawn from loss.coeffs by (seed, step, pair): the same on every
+        rank and after a resume. Kinds without per-example coefficients draw one per step."""
+        choices, seed = self.loss_cfg.coeffs, self.train_cfg.seed
+        if len(choices) == 1:
+            return torch.full((len(index),), float(choices[0]))
         if not self.adapter.per_example:
-            return {c: self._forward(batch, c) for c in COEFFS}
+            return torch.full((len(index),), float(random.Random(f"{seed}:{step}").choice(choices)))
+        return torch.tensor([float(random.Random(f"{seed}:{step}:{i}").choice(choices)) for i in index])
+
+    def policy_passes(self, batch, mags: torch.Tensor) -> dict[float, tuple[dict, torch.Tensor, torch.Tensor]]:
+        """Hidden states, NLL and the per-pair coefficients at +|c| and -|c|: one forward pass of
+        [batch; batch] with per-row coefficients where the adapter kind takes them, else one pass
+        per sign (``mags`` then holds one value)."""
+        device = batch["input_ids"].device
+        mags = mags.to(device)
+        if not self.adapter.per_example:
+            return {s: (*self._forward(batch, s * float(mags[0])), s * mags) for s in COEFFS}
         rows = batch["input_ids"].shape[0]
         both = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "suffix_mask")}
-        coeff = torch.tensor([COEFFS[0]] * rows + [COEFFS[1]] * rows, device=both["input_ids"].device)
+        per_row = torch.cat([mags, mags])  # [pos; neg] rows of a pair share its |c|
+        coeff = torch.cat([COEFFS[0] * per_row, COEFFS[1] * per_row])
         h, nll = self._forward(both, coeff)
-        return {c: ({l: t[k * rows:(k + 1) * rows] for l, t in h.items()}, nll[k * rows:(k + 1) * rows])
-                for k, c in enumerate(COEFFS)}
+        return {s: ({l: t[k * rows:(k + 1) * rows] for l, t in h.items()}, nll[k * rows:(k + 1) * rows], s * mags)
+                for k, s in enumerate(COEFFS)}
 
-    def step_terms(self, batch) -> dict[str, torch.Tensor]:
-        mask = batch["suffix_mask"]
-        p_base, nll_base = self.base_reference(batch)
+    def step_terms(self, batch, step: int | None = None) -> dict[str, torch.Tensor]:
+        step = self.global_step + self.start_step if step is None else step
         terms, total = {}, 0.0
-        for c, (h, nll) in self.policy_passes(batch).items():
-            t = contrastive_loss(h, p_base, nll, nll_base, mask, self.vectors, self.scale, c, self.loss_cfg)
-            total = total + t["loss"]
-            tag = "pos" if c > 0 else "neg"
-            terms.update({f"{k}@{tag}": v for k, v in t.items()})
+        lc = self.loss_cfg
+        if lc.w_contrast + lc.w_shift + lc.nll_weight > 0:
+            mask = batch["suffix_mask"]
+            p_base, nll_base = self.base_reference(batch)
+            mags = self.magnitudes([int(i) for i in batch["index"]], step)
+            for s, (h, nll, c) in self.policy_passes(batch, mags).items():
+                t = contrastive_loss(h, p_base, nll, nll_base, mask, self.vectors, self.scale, c, lc)
+                total = total + t["loss"]
+                tag = "pos" if s > 0 else "neg"
+                terms.update({f"{k}@{tag}": v for k, v in t.items()})
+        if lc.behaviour:
+            t = self.behaviour_terms(step)
+            total = total + lc.w_pref * t.get("pref", 0.0) + lc.w_distill * t.get("distill", 0.0)
+            terms.update(t)
+        if lc.w_kl > 0:
+            t = self.neutral_terms(step)
+            total = total + lc.w_kl * t["kl_barrier"]
+            terms.update(t)
         terms["loss"] = total
         return terms
+
+    # ------------------------------------------------------------------ behaviour terms
+
+    def _shard(self, what: str, pool: int, n: int, step: int) -> tuple[list[int], list[float]]:
+        """This rank's share of the step's sample: n of ``pool`` indices and a signed coefficient
+        each (the first half of the sample at +|c|, the second at -|c|, so every batch holds both
+        signs), drawn by (seed, what, step): the same global sample on every rank and on resume.
+        Kinds without per-example coefficients use one |c| per step."""
+        seed = self.train_cfg.seed
+        rng = random.Random(f"{seed}:{what}:{step}")
+        picks = rng.sample(range(pool), min(n, pool))
+        if self.adapter.per_example:
+            mags = [float(rng.choice(self.loss_cfg.coeffs)) for _ in picks]
+        else:
+            mags = [float(random.Random(f"{seed}:{step}").choice(self.loss_cfg.coeffs))] * len(picks)
+        half = (len(picks) + 1) // 2
+        signed = [m if k < half else -m for k, m in enumerate(mags)]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        return picks[rank::world], signed[rank::world]
+
+    def _logprobs_at(self, ids, attn, c_rows: torch.Tensor, keep: int) -> torch.Tensor:
+        """Log-probs (R, keep-1, V) over the last keep-1 positions, row r run at coefficient
+        c_rows[r]: one pass with per-row coefficients, or one pass per distinct value."""
+        if self.adapter.per_example:
+            with steer(self.model, c_rows):
+                return completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
+        out = [None] * len(c_rows)
+        for c in sorted(set(c_rows.tolist())):
+            rows = (c_rows == c).nonzero()[:, 0]
+            with steer(self.model, c):
+                lp = completion_logprobs(self.model(input_ids=ids[rows], attention_mask=attn[rows],
+                                                    logits_to_keep=keep).logits)
+            for k, r in enumerate(rows.tolist()):
+                out[r] = lp[k]
+        return torch.stack(out)
+
+    def behaviour_terms(self, step: int) -> dict[str, torch.Tensor]:
+        """Preference and distillation on this step's behaviour prompts (persona-free input), each
+        prompt's two completions at its own signed coefficient."""
+        picks, cs = self._shard("behaviour", len(self.behaviour), self.behaviour_cfg.batch_size, step)
+        device = self.ref_0.device
+        b = bh.collate([it for j in picks for it in self.behaviour[j]], self.pad_id)  # rows y_h0, y_d0, y_h1, ...
+        b = {k: v.to(device) for k, v in b.items()}
+        c = torch.tensor(cs, device=device)  # (m,) per prompt
+        c_rows = c.repeat_interleave(2)  # (2m,) both completions of a prompt
+        logp = self._logprobs_at(b["input_ids"], b["attention_mask"], c_rows, b["mask"].shape[1] + 1)
+        out = {}
+        if self.loss_cfg.w_pref > 0:
+            seq = sequence_logprob(logp, b["input_ids"], b["mask"]).view(-1, 2)  # (m, h/d)
+            ref = (b["tok_lp0"] * b["mask"]).sum(1).view(-1, 2)
+            out.update(preference_terms(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], c,
+                                        self.loss_cfg.pref_beta, self.loss_cfg.pref_gamma))
+        if self.loss_cfg.w_distill > 0:
+            target = distill_target(b["lp"], b["rest"], c_rows)
+            out.update(distill_terms(support_logprobs(logp, b["idx"]), target, b["mask"]))
+        return out
+
+    def neutral_terms(self, step: int) -> dict[str, torch.Tensor]:
+        """The KL barrier on this step's neutral passages, each at its own signed coefficient,
+        against a no-grad base pass."""
+        picks, cs = self._shard("neutral", self.neutral["input_ids"].shape[0], self.behaviour_cfg.neutral_batch, step)
+        device = self.ref_0.device
+        b = {k: v[picks].to(device) for k, v in self.neutral.items()}
+        keep = int(b["mask"].sum(1).max()) + 1
+        cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())  # padding in every row
+        ids, attn, mask = b["input_ids"][:, cut:], b["attention_mask"][:, cut:], b["mask"][:, cut:]
+        with torch.no_grad(), steer(self.model, 0.0):
+            base = completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
+        logp = self._logprobs_at(ids, attn, torch.tensor(cs, device=device), keep)
+        return kl_barrier(logp, base, mask[:, -(keep - 1):], self.loss_cfg.kl_margin)
 
     # ------------------------------------------------------------------ Lightning hooks
 

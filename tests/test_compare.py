@@ -19,7 +19,8 @@ def fake_run(folder, kind="boft", score=0.5):
     rows = [{"method": "adapter", "probe": "self_report", "coeff": c, "dnll": 0.01 * c} for c in (-1.0, 0.0, 1.0)]
     sep = [{"method": "adapter", "layer": l, "coeff": c, "separation": c + i} for i, l in enumerate("ab")
            for c in (-1.0, 0.0, 1.0)]
-    summary = [{"method": "adapter", "probe": "self_report", "score": score, "slope": 1.0, "r2": 0.9, "valid_frac": 1.0},
+    summary = [{"method": "adapter", "probe": "self_report", "score": score, "slope": 1.0, "r2": 0.9, "valid_frac": 1.0,
+                "monotone": True, "shift_up": 1.25, "shift_down": 2.5},
                {"method": "prompting", "probe": "self_report", "score": 2.0, "slope": 2.0, "r2": 1.0, "valid_frac": 1.0},
                {"method": "adapter", "probe": "facts", "score": 9.0, "slope": 9.0, "r2": 1.0, "valid_frac": 1.0}]
     write_json(folder / "report.json", {"summary": summary, "rows": rows, "separation": sep, "notes": []})
@@ -36,7 +37,8 @@ def test_run_row_reads_the_probe_and_averages_layers(tmp_path):
     with pytest.raises(ValueError, match="no adapter row for probe 'yes_no'"):
         compare.run_row(tmp_path / "r", probe="yes_no")
     md = compare.markdown([{**row, "seeds": 1}] + compare.baseline_rows(tmp_path / "r"), "t")
-    assert "| r | boft | 1 | 1,234 | 2.50 | +0.500 | – | +1.000 | 0.90 | 1.00 |" in md and "| prompting | baseline |" in md
+    assert "| r | boft | 1 | 1,234 | 2.50 | +0.500 | +1.000 | 0.90 | 1.00 | 1.00 | -0.010 | +0.010 | +1.250 | +2.500 |" in md
+    assert "| prompting | baseline |" in md
 
 
 def test_seeds_are_averaged_with_the_score_std(tmp_path):
@@ -45,7 +47,9 @@ def test_seeds_are_averaged_with_the_score_std(tmp_path):
     row = compare.mean_over_seeds([a, b], "cfg")
     assert row["run"] == "cfg" and row["seeds"] == 2 and row["kind"] == "boft"
     assert row["score"] == pytest.approx(1.0) and row["score_std"] == pytest.approx(2 ** 0.5 / 2)
-    assert row["slope"] == pytest.approx(2.0)
+    assert row["slope"] == pytest.approx(2.0) and row["slope_std"] == pytest.approx(2 ** 0.5)
+    assert row["shift_up"] == 1.25 and row["shift_up_std"] == 0.0 and row["monotone"] == 1.0
+    assert "+1.000 ± 0.71" in compare.markdown([row], "t")  # score ± its standard deviation
     assert row["dnll_-1"] == pytest.approx(-0.01)  # NaN seeds are left out of the mean
     broken = compare.mean_over_seeds([a, {**b, "score": math.nan}], "cfg")
     assert math.isnan(broken["score"]) and broken["seeds"] == "1/2 valid"  # a broken seed is not averaged away

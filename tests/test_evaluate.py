@@ -145,7 +145,8 @@ def test_report_files(tmp_path):
                for m, s in (("weak", 0.5), ("strong", 2.0))]
     paths = evaluate.write_report(evaluate.Report(rows, summary), tmp_path, "T", plot_top=1)
     table = paths["csv"].read_text().splitlines()
-    assert table[0] == "probe,method,slope,r2,valid_frac,effect_size,p_value,score,min,max"
+    assert table[0] == ("probe,method,slope,r2,valid_frac,effect_size,p_value,score,min,max,monotone,dnll_m1,dnll_p1,"
+                        "shift_up,shift_down")
     assert table[1].startswith("p,strong,2.0") and table[2].startswith("p,weak,0.5")  # sorted by score
     assert len(paths["rows_csv"].read_text().splitlines()) == 7
     md = paths["md"].read_text()

@@ -1,0 +1,230 @@
+"""Behaviour terms: the preference and distillation terms reverse under c -> -c, the
+distillation target at c = 0 is the base distribution, every term is neutral at init, the
+completions cache is keyed by model, prompts and settings, user completions are used as given,
+and the linear projection target and the shift-within-budget metric compute what they say."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters import behaviour as bh
+from adapters.config import BehaviourConfig, DataConfig, LossConfig, TrainConfig
+from adapters.data import PairsError, load_pairs
+from adapters.evaluate import shift_within, summarize
+from adapters.loss import (distill_target, distill_terms, kl_barrier, preference_terms, project, projection_terms,
+                           support_logprobs)
+from conftest import make_pairs
+
+
+def teacher_logprobs(R=3, K=4, S=5, V=11, seed=0):
+    """Hand-made teacher: full log-probs (3, R, K, V), their support (R, K, S) and rest (3, R, K)."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.log_softmax(torch.randn(3, R, K, V, generator=g) * 2, -1)
+    idx, lp, rest = bh._support_and_rest(full.permute(1, 2, 0, 3).reshape(R * K, 3, V).transpose(0, 1), S)
+    return full, idx.view(R, K, S), lp.view(3, R, K, S), rest.view(3, R, K)
+
+
+def test_preference_reverses_under_sign_flip():
+    g = torch.Generator().manual_seed(1)
+    lp_h, lp_d, ref_h, ref_d = (torch.randn(5, generator=g) * 3 for _ in range(4))
+    c = torch.tensor([0.5, 1.0, 1.5, 2.0, 1.0])
+    up = preference_terms(lp_h, lp_d, ref_h, ref_d, c, 0.1, 1.0)
+    down = preference_terms(lp_d, lp_h, ref_d, ref_h, -c, 0.1, 1.0)  # -c with the completions' roles swapped
+    assert torch.allclose(up["pref"], down["pref"])
+    # and the same completions at -c ask for the opposite: their loss is not the same
+    assert not torch.allclose(preference_terms(lp_h, lp_d, ref_h, ref_d, -c, 0.1, 1.0)["pref"], up["pref"])
+
+
+def test_preference_at_zero_delta_is_the_margin():
+    x = torch.randn(4)
+    c = torch.tensor([0.5, -1.0, 2.0, -1.5])
+    t = preference_terms(x, x + 1, x, x + 1, c, 0.1, 1.0)  # Δ = 0: the adapter is the reference
+    assert t["pref"].item() == pytest.approx(float(-F.logsigmoid(-0.1 * c.abs()).mean()), abs=1e-6)
+
+
+def test_distillation_target_at_zero_is_the_base_distribution():
+    full, idx, lp, rest = teacher_logprobs()
+    t0 = distill_target(lp, rest, torch.zeros(3))
+    base = torch.cat([lp[0], rest[0].unsqueeze(-1)], -1)
+    assert torch.allclose(t0, base, atol=1e-6)
+    assert torch.allclose(t0.exp().sum(-1), torch.ones(3, 4), atol=1e-5)
+    # the base model itself as the student: zero loss
+    student = support_logprobs(full[0], idx)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert distill_terms(student, t0, mask)["distill"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_target_is_linear_in_c_and_reverses():
+    full, idx, lp, rest = teacher_logprobs()
+    z = torch.cat([lp, rest.unsqueeze(-1)], -1)
+    up, down = distill_target(lp, rest, torch.full((3,), 1.0)), distill_target(lp, rest, torch.full((3,), -1.0))
+    assert torch.allclose(up, torch.log_softmax(z[1], -1), atol=1e-6)  # c = +1: the positive persona
+    assert torch.allclose(down, torch.log_softmax(z[2], -1), atol=1e-6)  # c = -1: the negative persona
+    half = distill_target(lp, rest, torch.full((3,), 0.5))
+    assert torch.allclose(half, torch.log_softmax(z[0] + 0.5 * (z[1] - z[0]), -1), atol=1e-6)
+    # swapping the two personas' teachers maps the target at c onto the target at -c
+    swapped_lp, swapped_rest = lp[[0, 2, 1]], rest[[0, 2, 1]]
+    assert torch.allclose(distill_target(swapped_lp, swapped_rest, torch.full((3,), -1.5)),
+                          distill_target(lp, rest, torch.full((3,), 1.5)), atol=1e-6)
+
+
+def test_kl_barrier_is_zero_at_the_base_and_has_a_free_margin():
+    logp = torch.log_softmax(torch.randn(2, 5, 7), -1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert kl_barrier(logp, logp, mask, 0.0)["kl_barrier"].item() == 0.0
+    other = torch.log_softmax(logp + 0.3 * torch.randn(2, 5, 7), -1)
+    t = kl_barrier(other, logp, mask, 0.0)
+    assert t["kl_barrier"].item() > 0
+    assert kl_barrier(other, logp, mask, t["kl_neutral"].item() * 10)["kl_barrier"].item() == 0.0
+
+
+def test_linear_projection_target_is_zero_exactly_at_kappa_c():
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 2, 4, 3
+    v = torch.tensor([1.0, 0.0, 0.0])
+    h_base = torch.randn(2 * B, T, D, generator=g)
+    mask = torch.ones(2 * B, T, dtype=torch.bool)
+    c = torch.tensor([0.5, -1.5])
+    kappa, s = 2.0, 0.5
+    move = torch.zeros(2 * B, T, D)
+    move[:, :, 0] = (kappa * s * torch.cat([c, c])).view(-1, 1)  # every member moves by κ·c units of s
+    h = h_base + move
+    t = projection_terms(h, project(h_base, v, s), v, s, mask, c, 1.0, "clamp", "pair", "linear", kappa)
+    assert t["shift"].item() == pytest.approx(0.0, abs=1e-6)
+    assert t["contrast"].item() == pytest.approx(F.huber_loss(torch.zeros(2), kappa * c).item(), abs=1e-6)
+    over = projection_terms(h + move, project(h_base, v, s), v, s, mask, c, 1.0, "clamp", "pair", "linear", kappa)
+    assert over["shift"].item() > 0  # moving twice as far is penalised, not rewarded
+
+
+def test_shift_within_budget():
+    c = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    y = [-3.0, -1.0, 0.5, 2.0, 4.0]
+    dnll = [0.5, 0.1, 0.0, 0.1, 0.2]
+    assert shift_within(c, y, dnll, 0.15) == {"shift_up": 1.5, "shift_down": 1.5}
+    assert shift_within(c, y, dnll, 1.0) == {"shift_up": 3.5, "shift_down": 3.5}
+    # rescaling c changes the slope, not the shift
+    a = summarize(c, y, [True] * 5, np.array([0.0, 1.0]), dnll)
+    b = summarize([2 * x for x in c], y, [True] * 5, np.array([0.0, 1.0]), dnll, fit_range=4.0)
+    assert a["slope"] == pytest.approx(2 * b["slope"]) and (a["shift_up"], a["shift_down"]) == (b["shift_up"], b["shift_down"])
+    assert a["monotone"] and a["dnll_m1"] == 0.1 and a["dnll_p1"] == 0.1
+    assert not summarize(c, [0, 1, 0.5, 2, 3], [True] * 5, np.array([0.0, 1.0]))["monotone"]
+
+
+# --------------------------------------------------------------------------- pairs with completions
+
+
+def test_user_pairs_with_completions_are_used_as_given(tmp_path, tiny, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    rows = [{"suffix": "The weather today", "chosen": " is sunny and warm.", "rejected": " is a secret.",
+             "prompt": "Tell me about the weather."},
+            {"suffix": "My favourite food"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(DataConfig(pairs=str(path)))
+    assert pairs[0].chosen == " is sunny and warm." and pairs[0].prompt == "Tell me about the weather."
+    assert pairs[1].chosen is None
+    prompts = bh.prompts_for(BehaviourConfig(generate=False), DataConfig(), pairs, seed=0)
+    assert len(prompts) == 1 and prompts[0].user == "Tell me about the weather."
+    model, tok = tiny
+    monkeypatch.setattr(bh, "generate", lambda *a, **k: pytest.fail("given completions were regenerated"))
+    comps = bh.completions(model, tok, prompts, 8, "fp", None, log=lambda *_: None)
+    assert (comps.chosen, comps.rejected) == ([" is sunny and warm."], [" is a secret."])
+
+
+@pytest.mark.parametrize("row, what", [
+    ({"suffix": "A", "chosen": "yes"}, "'chosen' is given without 'rejected'"),
+    ({"suffix": "A", "chosen": " ", "rejected": "no"}, "must be non-empty"),
+    ({"suffix": "A", "chosen": "x", "rejected": "x"}, "identical"),
+    ({"suffix": "A", "chosen": 3, "rejected": "x"}, "must be a string"),
+])
+def test_malformed_completions_name_file_and_line(tmp_path, row, what):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"suffix": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(PairsError, match=f"p.jsonl:2: .*{what}"):
+        load_pairs(DataConfig(pairs=str(path)))
+
+
+def test_csv_pairs_with_empty_completion_cells(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("suffix,chosen,rejected\nThe sea,\" is blue.\",\" is green.\"\nThe sky,,\n")
+    pairs = load_pairs(DataConfig(pairs=str(path)))
+    assert pairs[0].chosen == " is blue." and pairs[1].chosen is None
+
+
+# --------------------------------------------------------------------------- the completions cache
+
+
+def test_completions_cache_is_keyed_by_model_prompts_and_settings(tmp_path, tiny, other_tiny_dir, monkeypatch):
+    from adapters import models
+
+    model, tok = tiny
+    other, _ = models.load_base(other_tiny_dir, dtype="float32", device="cpu")
+    calls = []
+    real = bh.generate
+    monkeypatch.setattr(bh, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    data = DataConfig()
+    qs = tmp_path / "q.txt"
+    qs.write_text("Why is the sea salty?\nHow do I fold a shirt?\n")
+    prompts = bh.prompts_for(BehaviourConfig(prompts=str(qs), openings=2), data, make_pairs(6), seed=0)
+    fp, fp_other = models.base_fingerprint(model), models.base_fingerprint(other)
+    assert fp != fp_other
+    first = bh.completions(model, tok, prompts, 6, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8]  # 4 prompts x 2 personas, one batched call
+    again = bh.completions(model, tok, prompts, 6, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8] and again.rows() == first.rows()  # from the cache
+    bh.completions(other, tok, prompts, 6, fp_other, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8]  # another base model regenerates
+    bh.completions(model, tok, prompts[:3], 6, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8, 6]  # another prompt set regenerates
+    bh.completions(model, tok, prompts, 7, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8, 6, 8]  # other generation settings regenerate
+
+
+def test_generated_completions_follow_the_persona_prompt(tiny):
+    model, tok = tiny
+    p = bh.BehaviourPrompt("Why is the sea salty?", "Be honest. Why is the sea salty?", "Lie. Why is the sea salty?")
+    comps = bh.completions(model, tok, [p], 6, "fp", None, log=lambda *_: None)
+    direct = bh.generate(model, tok, [p.user_pos, p.user_neg], ["", ""], ["", ""], 6, batch_size=1)
+    assert [comps.chosen[0], comps.rejected[0]] == direct  # batched (padded) equals one at a time
+
+
+# --------------------------------------------------------------------------- the module at init
+
+
+def test_terms_at_init(tiny, tiny_directions):
+    """With the adapter at init: the KL barrier is 0, the preference term is its value at Δ = 0,
+    and the distillation term at c = 0 is 0 (its target there is the base model itself)."""
+    from adapters.models import BaseChecksum
+    from adapters.module import ContrastiveModule
+    from adapters.tuners import attach
+    from conftest import tiny_adapter_cfg
+
+    model, tok = tiny
+    bcfg = BehaviourConfig(batch_size=3, neutral_batch=2, support=8)
+    p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}") for q in ("Why?", "How do tides work?", "Hi!")]
+    items = bh.teacher(model, tok, bh.Completions(p, [" a b c", " d e", " f"], [" g h", " i j k", " l m"]), 8,
+                       log=lambda *_: None)
+    neutral = bh.neutral_batch(tok, ["The river runs to the sea.", "A gear turns a wheel."])
+    loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=1.0, kl_margin=0.0, coeffs=[0.5, 2.0])
+    model, adapter = attach(model, tiny_adapter_cfg("lora"), tiny_directions)
+    system = ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),
+                               behaviour=items, neutral=neutral, behaviour_cfg=bcfg, pad_id=tok.pad_token_id)
+    _, mags = system._shard("behaviour", 3, 3, step=5)
+    t = system.behaviour_terms(5)
+    assert min(mags) < 0 < max(mags)  # both signs in the batch
+    margin = -F.logsigmoid(-0.1 * torch.tensor(mags).abs()).mean()
+    assert t["pref"].item() == pytest.approx(margin.item(), abs=1e-5)
+    assert t["distill"].item() > 0  # at c != 0 the target is the persona's, not the base
+    kl = system.neutral_terms(5)
+    assert kl["kl_barrier"].item() == pytest.approx(0.0, abs=1e-6)
+    b = {k: v for k, v in bh.collate([it for pair in items for it in pair], tok.pad_token_id).items()}
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       logits_to_keep=b["mask"].shape[1] + 1).logits
+    student = support_logprobs(torch.log_softmax(logits[:, :-1].float(), -1), b["idx"])
+    zero = distill_terms(student, distill_target(b["lp"], b["rest"], torch.zeros(6)), b["mask"])
+    assert zero["distill"].item() == pytest.approx(0.0, abs=1e-5)
