@@ -225,38 +225,59 @@ class Item:
     """(3, n) log outside mass."""
 
 
-@torch.no_grad()
-def _completion_logprobs(model, tokenizer, user: str, opening: str, y: str, system: str):
+def _encode_completion(tokenizer, user: str, opening: str, y: str, system: str) -> tuple[list[int], int]:
+    """Token ids of the prompt + opening + completion, and how many of them are the completion."""
     ids, n_full = encode(tokenizer, user, opening + y, system)
     n_open = encode(tokenizer, user, opening, system)[1] if opening else 0
-    n = n_full - n_open
+    return ids, n_full - n_open
+
+
+@torch.no_grad()
+def _batched_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int):
+    """Per sequence (ids, n): the (n, V) log-probs predicting its last n tokens, from left-padded
+    batches of similar lengths."""
     device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=n + 1).logits[0, :-1]
-    return ids, n, torch.log_softmax(logits.float(), -1).cpu()  # (n, V) predicting the completion tokens
+    out: list = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        ids, attn = pad_left([seqs[i][0] for i in rows], pad_id)
+        keep = max(seqs[i][1] for i in rows) + 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).cpu()  # (B, keep-1, V)
+        for k, i in enumerate(rows):
+            out[i] = lp[k, keep - 1 - seqs[i][1]:]
+    return out
 
 
-def teacher(model, tokenizer, comps: Completions, support: int, log=print) -> list[tuple[Item, Item]]:
-    """(y_h item, y_d item) per prompt; completions that tokenise to nothing are dropped."""
-    out = []
+def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch_size: int = 16) -> list[tuple[Item, Item]]:
+    """(y_h item, y_d item) per prompt; prompts with a completion that tokenises to nothing are dropped."""
+    keep = []
     for p, yh, yd in zip(comps.prompts, comps.chosen, comps.rejected):
-        pair = []
-        for y in (yh, yd):
-            ids, n, lp0 = _completion_logprobs(model, tokenizer, p.user, p.opening, y, p.system)
-            if n <= 0:
-                break
-            _, n_pos, lp_pos = _completion_logprobs(model, tokenizer, p.user_pos, p.opening, y, p.sys_pos)
-            _, n_neg, lp_neg = _completion_logprobs(model, tokenizer, p.user_neg, p.opening, y, p.sys_neg)
-            if not n == n_pos == n_neg:
+        enc = [[_encode_completion(tokenizer, u, p.opening, y, s)
+                for u, s in ((p.user, p.system), (p.user_pos, p.sys_pos), (p.user_neg, p.sys_neg))] for y in (yh, yd)]
+        if any(e[0][1] <= 0 for e in enc):
+            continue
+        for y, e in zip((yh, yd), enc):
+            if len({n for _, n in e}) != 1:
                 raise BehaviourError(f"the completion {y[:40]!r} tokenises differently after the persona and "
                                      "without it; the completion must start a separate assistant turn")
-            idx, lp, rest = _support_and_rest(torch.stack([lp0, lp_pos, lp_neg]), support)
-            tgt = torch.tensor(ids[len(ids) - n:])
-            pair.append(Item(ids, n, lp0.gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
-        if len(pair) == 2:
-            out.append((pair[0], pair[1]))
-    if not out:
+        keep.append(enc)
+    if not keep:
         raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
                              "non-empty chosen / rejected completions")
+    flat = [seq for enc in keep for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
+    lps = _batched_logprobs(model, tokenizer.pad_token_id, flat, batch_size)
+    out = []
+    for j, enc in enumerate(keep):
+        pair = []
+        for k, e in enumerate(enc):
+            ids, n = e[0]
+            three = lps[6 * j + 3 * k: 6 * j + 3 * k + 3]
+            idx, lp, rest = _support_and_rest(torch.stack(three), support)
+            tgt = torch.tensor(ids[len(ids) - n:])
+            pair.append(Item(ids, n, three[0].gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
+        out.append((pair[0], pair[1]))
     log(f"behaviour teacher: {len(out)} prompts x 2 completions, support {support} tokens")
     return out
 
@@ -342,7 +363,7 @@ def prepare(cfg, model, tokenizer, train_pairs: list[ContrastivePair], fingerpri
             items, _ = load_teacher(path)
             log(f"behaviour teacher: {len(items)} prompts from the cache ({path.name})")
         else:
-            items = teacher(model, tokenizer, comps, cfg.behaviour.support, log)
+            items = teacher(model, tokenizer, comps, cfg.behaviour.support, log, cfg.behaviour.gen_batch_size)
             save_teacher(path, items, {"fingerprint": fingerprint})
     if cfg.loss.w_kl > 0:
         neutral = neutral_batch(tokenizer, neutral_lines(cfg.behaviour.neutral))

@@ -383,7 +383,9 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random", "base"])
     """Compared with the adapter in every report: prompting (persona system prompts at c = -1/0/+1),
     pca_vector / mean_diff (additive steering vectors at the loss layers, v_l·s_l), random (a
-    random direction of the PCA vector's norm) and base (the unsteered model, c = 0)."""
+    random direction of the PCA vector's norm), base (the unsteered model, c = 0), and the
+    independent libraries repeng and steering_vectors trained on the same pairs with their own
+    defaults (optional extra [peers]; see adapters/peers.py)."""
     prompt_template: str = "You are {persona} person."
     """System prompt of the prompting baseline; {persona} becomes data.positive / data.negative."""
     mass_ratio: float = 0.5
@@ -419,7 +421,8 @@ class EvalConfig:
                                 f"({type(e).__name__}: {e}); it may use only {{situation}} and {{action}} "
                                 "(write a literal brace as {{ or }})"))
         for b in self.baselines:
-            _one_of("eval.baselines entry", b, {"pca_vector", "mean_diff", "random", "prompting", "base"})
+            _one_of("eval.baselines entry", b, {"pca_vector", "mean_diff", "random", "prompting", "base", "repeng",
+                                                "steering_vectors"})
         _check("{persona}" in self.prompt_template, "eval.prompt_template must contain '{persona}'")
         _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
         _check(self.max_dnll > 0, "eval.max_dnll must be > 0")

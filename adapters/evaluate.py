@@ -563,6 +563,10 @@ def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer) 
             out.append(prompting_method(model, cfg.data.positive, cfg.data.negative, ev.prompt_template))
         elif name == "base":
             out.append(base_method(model))
+        else:  # an independent steering library (adapters.peers.PEERS), trained on the same pairs
+            from .peers import peer_method
+
+            out.append(peer_method(name, model, tokenizer, train_pairs, ev.coeffs))
     return out
 
 

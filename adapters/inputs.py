@@ -40,6 +40,13 @@ def check_inputs(cfg):
         except behaviour.BehaviourError as e:
             problems.append(str(e))
     if cfg.eval.enabled:
+        from . import peers
+
+        for name in (b for b in cfg.eval.baselines if b in peers.PEERS):
+            try:
+                peers._import(name)
+            except peers.PeerError as e:
+                problems.append(str(e))
         for kind in cfg.eval.probes:
             try:
                 probes.probe_rows(kind, cfg.eval)

@@ -228,3 +228,21 @@ def test_terms_at_init(tiny, tiny_directions):
     student = support_logprobs(torch.log_softmax(logits[:, :-1].float(), -1), b["idx"])
     zero = distill_terms(student, distill_target(b["lp"], b["rest"], torch.zeros(6)), b["mask"])
     assert zero["distill"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_batched_teacher_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}", o) for q, o in
+         (("Why?", ""), ("How do tides work in a long bay?", "Tides"), ("Hi!", ""))]
+    comps = bh.Completions(p, [" a b c", " rise twice a day", " f"], [" g h", " i j k", " l m n o p"])
+    batched = bh.teacher(model, tok, comps, 8, log=lambda *_: None, batch_size=4)
+    single = bh.teacher(model, tok, comps, 8, log=lambda *_: None, batch_size=1)
+    for pb, ps in zip(batched, single):
+        for a, b in zip(pb, ps):
+            assert a.ids == b.ids and a.n == b.n and torch.equal(a.idx, b.idx)
+            assert torch.allclose(a.lp, b.lp, atol=1e-5) and torch.allclose(a.tok_lp0, b.tok_lp0, atol=1e-5)
+            # the no-persona teacher is the model's own distribution on the completion tokens
+            ids = torch.tensor([a.ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, -a.n - 1:-1].float(), -1)
+            assert torch.allclose(a.tok_lp0, lp.gather(-1, ids[0, -a.n:, None])[:, 0], atol=1e-5)
