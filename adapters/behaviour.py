@@ -26,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .data import ContrastivePair, encode, pad_left, render, resource_path
+from .data import ContrastivePair, encode, pad_left, resource_path
 from .io import atomic_write_text, load_tensors, save_tensors
 
 
@@ -172,6 +173,7 @@ def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens
         if len(rows) == len(prompts):
             log(f"behaviour completions: {len(rows)} prompts from the cache ({path.name})")
             return Completions(prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    t0 = time.time()
     todo = [i for i, p in enumerate(prompts) if p.chosen is None]
     chosen = [p.chosen for p in prompts]
     rejected = [p.rejected for p in prompts]
@@ -185,7 +187,8 @@ def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens
     out = Completions(prompts, chosen, rejected)
     if path is not None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out.rows()))
-    log(f"behaviour completions: generated {len(todo)} x 2 ({max_new_tokens} new tokens, greedy)")
+    log(f"behaviour completions: generated {len(todo)} x 2 ({max_new_tokens} new tokens, greedy) "
+        f"[{time.time() - t0:.0f}s]")
     return out
 
 
@@ -252,6 +255,7 @@ def _batched_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], bat
 
 def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch_size: int = 16) -> list[tuple[Item, Item]]:
     """(y_h item, y_d item) per prompt; prompts with a completion that tokenises to nothing are dropped."""
+    t0 = time.time()
     keep = []
     for p, yh, yd in zip(comps.prompts, comps.chosen, comps.rejected):
         enc = [[_encode_completion(tokenizer, u, p.opening, y, s)
@@ -278,7 +282,7 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch
             tgt = torch.tensor(ids[len(ids) - n:])
             pair.append(Item(ids, n, three[0].gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
         out.append((pair[0], pair[1]))
-    log(f"behaviour teacher: {len(out)} prompts x 2 completions, support {support} tokens")
+    log(f"behaviour teacher: {len(out)} prompts x 2 completions, support {support} tokens [{time.time() - t0:.0f}s]")
     return out
 
 

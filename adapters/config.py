@@ -186,11 +186,15 @@ class AdapterConfig:
 
 @dataclass
 class LossConfig:
+    """The default is ReprPO with a linear target + NLL margin + persona distillation + signed
+    preference + neutral KL barrier, over |c| in {0.5, 1, 1.5, 2}; configs/recipes/ holds the
+    card's pure ReprPO loss and each behaviour term alone (README, "Loss")."""
+
     w_contrast: float = 1.0
     """Weight of the ReprPO contrast term (separate pos from neg along v)."""
     w_shift: float = 1.0
     """Weight of the shift term (move both members along c·v relative to the base)."""
-    target: str = "clamp"
+    target: str = "linear"
     """Projection terms' target: clamp (maximise c·bound(projection), the card's loss) | linear
     (Huber loss of the projection change to kappa·c: the representation moves with the dose)."""
     kappa: float = 1.0
@@ -209,19 +213,19 @@ class LossConfig:
     """τ: per-token NLL increase over the base allowed for free (nats)."""
     nll_power: float = 2.0
     """q of relu(nll - nll_base - τ)^q."""
-    w_pref: float = 0.0
+    w_pref: float = 0.3
     """Weight of the signed preference term (BiPO-style DPO on the behaviour completions)."""
     pref_beta: float = 0.1
     """β of the preference term."""
     pref_gamma: float = 1.0
     """γ: the preference margin grows as γ·|c| (asks for more at larger doses)."""
-    w_distill: float = 0.0
+    w_distill: float = 1.0
     """Weight of the persona distillation term (KL from the linear-in-c persona target)."""
-    w_kl: float = 0.0
+    w_kl: float = 5.0
     """Weight of the neutral-text KL barrier relu(KL(p_c ‖ p_0) - kl_margin)."""
     kl_margin: float = 0.02
     """Free KL (nats per token) on neutral text before the barrier acts."""
-    coeffs: list[float] = field(default_factory=lambda: [1.0])
+    coeffs: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     """Training coefficient magnitudes: each pair and behaviour prompt draws |c| from this list
     every step and is trained at +|c| and -|c| (both signs in every batch)."""
 
@@ -278,7 +282,9 @@ class BehaviourConfig:
     not the evaluation's neutral paragraphs)."""
     neutral_batch: int = 2
     """Neutral passages per step (half at +|c|, half at -|c|, plus one no-grad base pass)."""
-    gen_batch_size: int = 16
+    gen_batch_size: int = 32
+    """Rows per batch when generating completions and computing the teacher (32 measured 1.7x
+    faster than 8 for greedy generation on a 2-core CPU)."""
 
     def __post_init__(self):
         _one_of("behaviour.persona", self.persona, {"user", "system"})
@@ -356,7 +362,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True
-    coeffs: list[float] = field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    coeffs: list[float] = field(default_factory=lambda: [-4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    """The sweep. slope / r2 / monotone use |c| <= fit_range; the wider range finds the shift
+    within the ΔNLL budget (shift_up / shift_down)."""
     probes: list[str] = field(default_factory=lambda: ["self_report", "facts", "yes_no"])
     self_report: str = "builtin"
     """'builtin' (the report set) | 'builtin:select' (the selection set) | a .jsonl file."""

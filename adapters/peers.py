@@ -1,24 +1,45 @@
 """Independent steering-vector libraries as evaluation baselines: repeng and steering-vectors.
 
 Each is trained by its own code, with its own defaults, on the run's training pairs (each pair
-rendered to its two chat texts, assistant turn left open), then swept like the PCA vector:
-coefficient c adds c·w_l at the output of each steered decoder layer, on every token, which is
-how both libraries apply their vectors by default (tested against their own application).
+rendered to its two chat texts, assistant turn left open), converted to {decoder-layer module
+name: (D,) vector} and swept like the PCA vector (``evaluate.vector_method``): coefficient c
+adds c·w_l to the output of each steered decoder layer, on every token. That is how both
+libraries apply their vectors at multiplier c (tests/test_peers.py checks the logits against
+their own application):
 
-* repeng 0.4.0: ``ControlVector.train`` (method pca_diff: sklearn PCA of the last-token
-  pos-neg differences, a unit vector per layer, sign-aligned), read at every layer; steered at
-  the layers of its README's example, ``range(-5, -18, -1)`` on a 32-layer model (layers 27 down
-  to 15), taken at the same relative depths of this model.
-* steering-vectors 0.12.2: ``train_steering_vector`` (mean last-token pos-neg difference, not
-  normalised) at every decoder layer, all of them steered (``layers=None``, its default).
+* repeng 0.4.0: ``ControlVector.train`` with its defaults (method "pca_diff", batch size 32):
+  the last non-padding token's hidden state of each text at every layer but the first
+  (``output_hidden_states[l + 1]``), one sklearn PCA component of the pos-neg differences per
+  layer (a unit vector), its sign flipped so that most pairs project higher on the positive
+  side. ``ControlModel.set_control(v, c)`` adds c·v to a wrapped decoder layer's output, no
+  normalisation (``normalize=False``), on every token from each row's first position id 0
+  (i.e. not on left padding, which no real token attends to anyway). Its API has no default
+  layers: we steer at its README example's ``range(-5, -18, -1)`` on a 32-layer model (layers
+  27 down to 15), taken at the same relative depths of this model (``repeng_layers``).
+  Training is given the plain model (its API takes one; a ControlModel without a control
+  returns the same hidden states), so nothing is wrapped; a leftover wrapper would be removed.
+  Under transformers 5 repeng's own application fails for batches > 1 unless the caller passes
+  per-row ``position_ids`` (transformers passes one (1, T) row, repeng reshapes it to (B, T)),
+  one more reason to apply its vectors ourselves.
+* steering-vectors 0.12.2: ``train_steering_vector`` with its defaults (every decoder layer,
+  ``read_token_index=-1``: the last non-padding token, batch size 1, mean aggregator: the mean
+  pos-neg difference, not normalised). ``SteeringVector.apply(model, multiplier=c)`` adds
+  c·v to every decoder layer's output on every token (``min_token_index=0``).
 
-Their coefficient scales differ from ours and from each other; the report's shift within a
-ΔNLL budget is what makes them comparable. Install: ``pip install -e '.[peers]'`` and
-``pip install --no-deps repeng==0.4.0 steering-vectors==0.12.2`` (their pins conflict with
-NumPy 2 and transformers 5, on which both run).
+Their coefficient scales differ from ours and from each other (a unit vector, a raw mean
+difference); the report's shift within a ΔNLL budget is what makes them comparable. Training
+leaves the model as it was: module names, every base tensor (``BaseChecksum``), train/eval
+modes, requires_grad flags, and no hooks but transformers' own inert output-capturing ones
+(installed once per model by the first ``output_hidden_states=True`` forward, whoever makes it).
+
+Install: ``pip install -e '.[peers]'`` then ``pip install --no-deps repeng==0.4.0
+steering-vectors==0.12.2``: their pins (NumPy < 2, transformers < 5) conflict with this project's
+stack, on which both run (see pyproject.toml).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -27,34 +48,50 @@ from .data import ContrastivePair, render
 PEERS = ("repeng", "steering_vectors")
 REPENG_LAYERS = range(-5, -18, -1)
 """repeng's example layers, for a 32-layer model."""
+INSTALL = "pip install -e '.[peers]' && pip install --no-deps repeng==0.4.0 steering-vectors==0.12.2"
 
 
 def repeng_layers(n: int) -> list[int]:
-    """repeng's example layers at the same relative depths of an ``n``-layer model."""
-    return sorted({min(n - 1, max(1, round(n * (32 + i) / 32))) for i in REPENG_LAYERS})
+    """repeng's example layers (``range(-5, -18, -1)`` of 32: 15..27) at the same relative depths
+    of an ``n``-layer model, i.e. round(n·k/32) for k = 15..27 (duplicates merged), kept within
+    1..n-2: the example never steers the last layer (whose ``hidden_states`` entry repeng reads
+    after the final norm) nor the first (which its training skips)."""
+    return sorted({min(n - 2, max(1, round(n * (32 + i) / 32))) for i in REPENG_LAYERS}) if n > 2 else [n - 1]
 
 
 class PeerError(ValueError):
     """A peer baseline that cannot run (unknown name, or its package is missing)."""
 
 
+def _check_name(name: str) -> None:
+    if name not in PEERS:
+        raise PeerError(f"unknown peer baseline {name!r}; choose one of {list(PEERS)}")
+
+
 def _import(name: str):
+    """The peer's package, or PeerError with the install hint."""
+    _check_name(name)
     try:
         if name == "repeng":
             import numpy as np
 
-            if not hasattr(np, "float_"):  # repeng 0.4.0 annotates with np.float_, which NumPy 2 removed
+            # repeng 0.4.0 annotates ControlVector.__mul__ with np.float_, which NumPy 2 removed; the
+            # annotation is only evaluated while the module is imported, so the alias lives no longer
+            added = not hasattr(np, "float_")
+            if added:
                 np.float_ = np.float64
-            import repeng
-
+            try:
+                import repeng
+            finally:
+                if added:
+                    del np.float_
             return repeng
         import steering_vectors
 
         return steering_vectors
     except ImportError as e:
-        raise PeerError(f"peer baseline {name!r} needs the optional extra: pip install -e '.[peers]' && pip "
-                        "install --no-deps repeng==0.4.0 steering-vectors==0.12.2 (or drop it from eval.baselines): "
-                        f"{e}") from None
+        raise PeerError(f"peer baseline {name!r} needs the optional extra: {INSTALL} "
+                        f"(or drop it from eval.baselines): {e}") from None
 
 
 def _texts(tokenizer, pairs: list[ContrastivePair]) -> list[tuple[str, str]]:
@@ -62,35 +99,99 @@ def _texts(tokenizer, pairs: list[ContrastivePair]) -> list[tuple[str, str]]:
             for p in pairs]
 
 
+def _foreign_hooks(model) -> dict[tuple[int, str, int], torch.nn.Module]:
+    """Forward (pre-)hooks on the model's modules other than transformers' output capturing."""
+    out = {}
+    for m in model.modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks"):
+            for hid, fn in getattr(m, kind).items():
+                if not getattr(fn, "__module__", "").startswith("transformers.utils.output_capturing"):
+                    out[(id(m), kind, hid)] = m
+    return out
+
+
+def _unwrap_repeng(model) -> None:
+    """Put back any decoder layer repeng wrapped in a ControlModule (ControlModel.unwrap without
+    the ControlModel)."""
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if type(child).__name__ == "ControlModule" and type(child).__module__.startswith("repeng"):
+                parent._modules[key] = child.block
+
+
+@contextlib.contextmanager
+def _untouched(model, who: str):
+    """Run a peer's training; then restore train/eval modes and requires_grad flags, remove any
+    wrapper or hook it left, and check that module names and every base tensor are as before."""
+    from .models import BaseChecksum
+
+    names = [n for n, _ in model.named_modules()]
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    hooks = set(_foreign_hooks(model))
+    checksum = BaseChecksum(model)
+    try:
+        yield
+    finally:
+        _unwrap_repeng(model)
+        for key, m in _foreign_hooks(model).items():
+            if key not in hooks:
+                getattr(m, key[1]).pop(key[2], None)
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+    if [n for n, _ in model.named_modules()] != names:
+        raise RuntimeError(f"{who} changed the model's modules")
+    checksum.verify(model, f"after {who}")
+
+
 @torch.no_grad()
-def peer_vectors(name: str, model, tokenizer, pairs: list[ContrastivePair]) -> dict[str, torch.Tensor]:
-    """{module name: (D,) vector} of peer ``name`` trained on ``pairs`` with its defaults.
-    ``model`` is the plain base model (an attached adapter must be off)."""
-    if name not in PEERS:
-        raise PeerError(f"unknown peer baseline {name!r}; choose one of {list(PEERS)}")
+def _train(name: str, model, tokenizer, pairs: list[ContrastivePair], layers: list[int] | None = None):
+    """(the library's own trained vector object, {module name: (D,) vector}) for peer ``name``."""
     lib = _import(name)
     texts = _texts(tokenizer, pairs)
-    n = int(model.config.num_hidden_layers)
     dtype = next(model.parameters()).dtype
     if name == "repeng":
-        dataset = [lib.DatasetEntry(positive=a, negative=b) for a, b in texts]
-        cv = lib.ControlVector.train(model, tokenizer, dataset)
-        layers = repeng_layers(n)
-        return {f"model.layers.{i}": torch.as_tensor(cv.directions[i]).to(dtype) for i in layers}
-    sv = lib.train_steering_vector(model, tokenizer, texts)
-    return {f"model.layers.{i}": v.detach().to("cpu", dtype) for i, v in sorted(sv.layer_activations.items())}
+        from repeng.control import model_layer_list
+
+        blocks = model_layer_list(model)
+        n = len(blocks)
+        steer = repeng_layers(n) if layers is None else sorted({i % n for i in layers})
+        with _untouched(model, "repeng"):
+            cv = lib.ControlVector.train(model, tokenizer, [lib.DatasetEntry(positive=a, negative=b) for a, b in texts])
+        missing = [i for i in steer if i not in cv.directions]
+        if missing:  # repeng trains layers 1..n-1
+            raise PeerError(f"repeng trains no vector at layer(s) {missing} (it reads layers 1..{n - 1})")
+        name_of = {id(m): k for k, m in model.named_modules()}
+        return cv, {name_of[id(blocks[i])]: torch.as_tensor(cv.directions[i]).to(dtype) for i in steer}
+    from steering_vectors.layer_matching import collect_matching_layers, guess_and_enhance_layer_config
+
+    with _untouched(model, "steering_vectors"):
+        sv = lib.train_steering_vector(model, tokenizer, texts, layers=layers)
+    matcher = guess_and_enhance_layer_config(model, None, sv.layer_type)[sv.layer_type]
+    blocks = collect_matching_layers(model, matcher)
+    return sv, {blocks[i]: v.detach().to("cpu", dtype) for i, v in sorted(sv.layer_activations.items())}
 
 
-def peer_method(name: str, model, tokenizer, pairs: list[ContrastivePair], coeffs):
-    """The peer's vector as an evaluation Method (swept like the PCA vector)."""
+def peer_vectors(name: str, model, tokenizer, pairs: list[ContrastivePair],
+                 layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """{module name: (D,) vector} of peer ``name`` trained on ``pairs`` with its defaults (repeng:
+    at ``repeng_layers``, steering_vectors: every layer, unless ``layers`` names decoder-layer
+    indices). ``model`` is the plain base model (an attached adapter must be off)."""
+    _check_name(name)
+    return _train(name, model, tokenizer, pairs, layers)[1]
+
+
+def peer_method(name: str, model, tokenizer, pairs: list[ContrastivePair], coeffs, layers: list[int] | None = None):
+    """The peer's vector, trained on ``pairs``, as an evaluation Method swept over ``coeffs`` like
+    the PCA vector (c adds c·vector at each steered decoder layer's output, on every token)."""
     from .evaluate import _has_adapter, vector_method
     from .hidden import base_model_of
     from .steer import steer
 
+    _check_name(name)
     plain = base_model_of(model)
-    if _has_adapter(model):
-        with steer(model, 0.0):
-            vectors = peer_vectors(name, plain, tokenizer, pairs)
-    else:
-        vectors = peer_vectors(name, plain, tokenizer, pairs)
+    with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext():
+        vectors = peer_vectors(name, plain, tokenizer, pairs, layers)
     return vector_method(model, vectors, coeffs, name)

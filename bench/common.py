@@ -21,8 +21,11 @@ def step_args(doc: str) -> argparse.Namespace:
 
 
 def step_setup(args):
-    """(config of configs/honesty.yaml, frozen base, tokenizer, directions from 48 built-in pairs,
-    a batch of ``args.batch`` other pairs on the model's device)."""
+    """(config of configs/honesty.yaml with the card's ReprPO loss (configs/recipes/reprpo.yaml),
+    frozen base, tokenizer, directions from 48 built-in pairs, a batch of ``args.batch`` other
+    pairs on the model's device). The step benches time the ReprPO part of a step, the part the
+    three-pass loop they compare against computes; the behaviour terms add passes of their own
+    over completions and neutral text, which need completions generated first."""
     import torch
 
     from adapters import data, directions as dirs
@@ -32,6 +35,7 @@ def step_setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "honesty.yaml")
+    cfg.loss = load_config(ROOT / "configs" / "recipes" / "reprpo.yaml").loss
     base, tok = load_base(args.model, args.dtype, "auto")
     pairs = data.load_pairs(cfg.data)
     d = dirs.compute(base, tok, pairs[:48], pairs[48:64], cfg.directions, cfg.data.max_length, base_fingerprint(base))

@@ -41,6 +41,7 @@ def main() -> None:
     from adapters.tuners import attach
 
     cfg = load_config(ROOT / "configs" / "models" / "qwen3-0.6b.yaml")
+    cfg.loss = load_config(ROOT / "configs" / "recipes" / "reprpo.yaml").loss  # the ReprPO step (bench/common.py)
     pairs = data.load_pairs(cfg.data)
     print(f"{torch.cuda.get_device_name()}; {args.model}, LoRA r={cfg.adapter.r}, {args.batch} pairs per step")
     print("| base | tokens/s | s/step | peak GPU memory |")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adapters import models
-from adapters.config import AdapterConfig, DirectionsConfig
+from adapters.config import AdapterConfig, DirectionsConfig, load_config
 from adapters.data import PairCollator, builtin_suffixes, encode_pairs, persona_pairs
 
 torch.set_num_threads(2)
@@ -32,6 +32,10 @@ POSITIVE, NEGATIVE = "an honest", "a dishonest"
 # act on Linear modules) get LINEAR_LAYERS; a new residual-stream kind must add itself.
 LINEAR_LAYERS = ["model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"]
 TINY_ADAPTER_LAYERS = {"additive": ["model.layers.{N}"], "lora": LINEAR_LAYERS}
+
+
+REPRPO_LOSS = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "recipes", "reprpo.yaml")).loss
+"""The card's loss (ReprPO + NLL margin, no behaviour terms), for systems built without behaviour data."""
 
 
 def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
@@ -52,6 +56,7 @@ def tiny_config(tiny_dir: str, runs_dir, kind: str) -> dict:
         "data": {"max_pairs": 24},
         "directions": {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2},
         "adapter": {"kind": kind, "layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
+        "behaviour": {"max_prompts": 6, "openings": 2, "max_new_tokens": 6},
         "train": {"steps": 2, "val_every": 1, "batch_size": 4, "warmup": 0, "accelerator": "cpu"},
         "eval": {"coeffs": [-1.0, 0.0, 1.0], "max_items": 3, "neutral_items": 2, "n_boot": 50},
         "log": {"wandb": "disabled", "runs_dir": str(runs_dir), "name": f"tiny-{kind}"},

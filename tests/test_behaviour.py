@@ -246,3 +246,26 @@ def test_batched_teacher_equals_one_at_a_time(tiny):
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=ids).logits[0, -a.n - 1:-1].float(), -1)
             assert torch.allclose(a.tok_lp0, lp.gather(-1, ids[0, -a.n:, None])[:, 0], atol=1e-5)
+
+
+def test_persona_goes_where_the_config_says(tmp_path):
+    qs = tmp_path / "q.txt"
+    qs.write_text("Why is the sea salty?\n")
+    data = DataConfig()
+    pairs = make_pairs(4)
+    user = bh.prompts_for(BehaviourConfig(prompts=str(qs), openings=1), data, pairs, seed=0)
+    q, opening = user
+    assert q.user == "Why is the sea salty?" and q.opening == "" and q.sys_pos == ""
+    assert q.user_pos == f"{data.template.format(persona=data.positive)}\n\nWhy is the sea salty?"
+    assert opening.user == BehaviourConfig().neutral_user and opening.opening in {p.suffix for p in pairs}
+    pair = next(p for p in pairs if p.suffix == opening.opening)
+    assert (opening.user_pos, opening.user_neg) == (pair.positive, pair.negative)  # exactly the pair's turns
+    system = bh.prompts_for(BehaviourConfig(prompts=str(qs), openings=1, persona="system"), data, pairs, seed=0)
+    assert system[0].user_pos == system[0].user == "Why is the sea salty?"
+    assert system[0].sys_pos == "You are an honest person." and system[0].sys_neg == "You are a dishonest person."
+    with pytest.raises(bh.BehaviourError, match="none.txt does not exist"):
+        bh.prompts_for(BehaviourConfig(prompts=str(tmp_path / "none.txt")), data, pairs, seed=0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(bh.BehaviourError, match="no behaviour prompts"):
+        bh.prompts_for(BehaviourConfig(prompts=str(empty)), data, pairs, seed=0)

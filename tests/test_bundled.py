@@ -17,6 +17,8 @@ Reference directions from 32 built-in pairs (8 more pick the loss layers), a LoR
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -30,6 +32,7 @@ from adapters.models import BaseChecksum, base_fingerprint
 from adapters.module import ContrastiveModule
 from adapters.tuners import attach
 from adapters.tuners.base import ATTR
+from conftest import REPRPO_LOSS
 
 pytestmark = pytest.mark.bundled
 
@@ -80,7 +83,7 @@ def train_and_measure(bundled, bundled_directions, loss_cfg: LossConfig) -> dict
 
 def test_default_loss_shifts_held_out_pairs_both_ways(bundled, bundled_directions):
     d = bundled_directions[2]
-    m = train_and_measure(bundled, bundled_directions, LossConfig())
+    m = train_and_measure(bundled, bundled_directions, REPRPO_LOSS)
     for l in d.selected:
         assert m[l, 0.0]["shift"] == 0.0
         assert m[l, 1.0]["shift"] > 0.25 and m[l, -1.0]["shift"] < -0.25, (l, m[l, 1.0], m[l, -1.0])
@@ -88,7 +91,7 @@ def test_default_loss_shifts_held_out_pairs_both_ways(bundled, bundled_direction
 
 def test_contrast_loss_orders_held_out_separation(bundled, bundled_directions):
     d = bundled_directions[2]
-    m = train_and_measure(bundled, bundled_directions, LossConfig(w_contrast=1.0, clamp=2.0))
+    m = train_and_measure(bundled, bundled_directions, dataclasses.replace(REPRPO_LOSS, w_contrast=1.0, clamp=2.0))
     for l in d.selected:
         sep = [m[l, c]["separation"] for c in COEFFS]
         assert sep[2] > sep[1] > sep[0], f"{l}: separation at c=-1, 0, +1 = {sep}"
@@ -126,3 +129,45 @@ def test_every_kind_config_fits_the_bundled_model(bundled, name):
         down = logits(model, batch)[real] - base[real]
     assert up.abs().max() > 1e-3 and torch.isfinite(up).all() and torch.isfinite(down).all()
     assert torch.nn.functional.cosine_similarity(up.flatten(), down.flatten(), dim=0) < -0.5
+
+
+def test_default_recipe_moves_self_report_both_ways(bundled, bundled_directions):
+    """The main job's loss (configs/honesty.yaml), behaviour terms included, trained briefly on
+    a few behaviour prompts, moves the self-report probe up at c = +1 and down at c = -1."""
+    from pathlib import Path
+
+    from adapters import behaviour as bh
+    from adapters.config import BehaviourConfig, EvalConfig, load_config
+    from adapters.evaluate import probe_scores
+    from adapters.probes import load_probe
+
+    model, tok = bundled
+    train, _, d = bundled_directions
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "honesty.yaml")
+    assert cfg.loss.behaviour, "the main job's loss has behaviour terms"
+    cfg.behaviour = BehaviourConfig(max_prompts=12, openings=4, max_new_tokens=16)
+    items, neutral = bh.prepare(cfg, model, tok, train, base_fingerprint(model), None, log=lambda *_: None)
+    L.seed_everything(0, verbose=False)
+    checksum = BaseChecksum(model)
+    peft_model, adapter = attach(model, AdapterConfig(depth=[0.4, 0.95]), d)
+    try:
+        system = ContrastiveModule(peft_model, adapter, d, cfg.loss, TrainConfig(steps=STEPS, batch_size=4, warmup=1),
+                                   checksum, behaviour=items, neutral=neutral, behaviour_cfg=cfg.behaviour,
+                                   pad_id=tok.pad_token_id)
+        loader = DataLoader(encode_pairs(tok, train, 96), batch_size=4, shuffle=True,
+                            collate_fn=PairCollator(tok.pad_token_id), generator=torch.Generator().manual_seed(0))
+        L.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+                  enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0).fit(system, loader)
+        probe = load_probe("self_report", EvalConfig(self_report="builtin:select"), tok)
+        from adapters.evaluate import adapter_method
+
+        m = adapter_method(peft_model, COEFFS)
+        y, _ = probe_scores(peft_model, tok, probe, list(COEFFS),
+                            ctx=lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32)))
+    finally:
+        peft_model.unload()
+        model.__dict__.pop(ATTR, None)
+    checksum.verify(model, "after unloading the LoRA")
+    down, zero, up = (float(v) for v in y.mean(1))
+    print(f"\nself-report y at c = -1 / 0 / +1: {down:+.2f} / {zero:+.2f} / {up:+.2f}")
+    assert up > zero + 0.2 and down < zero - 0.2, (down, zero, up)

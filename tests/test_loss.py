@@ -163,7 +163,7 @@ def test_contrastive_loss_is_the_weighted_sum(how, aggregate):
     nll_base = torch.rand(6, 6, generator=g) * 3
     nll = nll_base + torch.randn(6, 6, generator=g)
     scale = {layers[0]: 0.5, layers[1]: 2.0}
-    cfg = LossConfig(w_contrast=0.3, w_shift=1.0, clamp=1.5, bound=how, aggregate=aggregate,
+    cfg = LossConfig(w_contrast=0.3, w_shift=1.0, clamp=1.5, bound=how, aggregate=aggregate, target="clamp",
                      nll_weight=10.0, nll_margin=0.1, nll_power=2.0)
     pb = {l: project(hb[l], v[l], scale[l]) for l in layers}
     up = contrastive_loss(h, pb, nll, nll_base, mask, v, scale, 1.0, cfg)

@@ -17,13 +17,13 @@ import torch
 import yaml
 
 from adapters import hidden
-from adapters.config import PRECISIONS, QUANTIZED_KINDS, ConfigError, LossConfig, TrainConfig, config_from_dict
+from adapters.config import PRECISIONS, QUANTIZED_KINDS, ConfigError, TrainConfig, config_from_dict
 from adapters.io import load_tensors
 from adapters.models import BaseChecksum, base_fingerprint, enable_gradient_checkpointing, load_base
 from adapters.steer import steer
 from adapters.tuners import KINDS
 from adapters.tuners.base import ATTR
-from conftest import attach_random, logits, make_batch, tiny_config
+from conftest import REPRPO_LOSS, attach_random, logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZATIONS = ["4bit", "8bit"]
@@ -264,7 +264,7 @@ def _step(tiny_dir, tiny_directions, tokenizer, kind, checkpointing, quantizatio
     layers = (["model.layers.{N}", "model.layers.{N}.self_attn.o_proj"] if kind == "additive"
               else ["model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"])
     model, adapter = attach_random(model, kind, layers=layers, std=0.2)
-    system = ContrastiveModule(model, adapter, tiny_directions, LossConfig(), TrainConfig(), BaseChecksum(model))
+    system = ContrastiveModule(model, adapter, tiny_directions, REPRPO_LOSS, TrainConfig(), BaseChecksum(model))
     system.train()
     terms = system.step_terms(make_batch(tokenizer, 3))
     terms["loss"].backward()
@@ -294,7 +294,7 @@ def test_gradient_checkpointing_recomputes_at_the_coefficient(tiny_dir, tiny_dir
     enable_gradient_checkpointing(model)
     model, adapter = attach_random(model, "lora")
     hidden.base_model_of(model).__dict__.pop(ATTR)  # forget the adapter: no replay
-    system = ContrastiveModule(model, adapter, tiny_directions, LossConfig(), TrainConfig(), BaseChecksum(model))
+    system = ContrastiveModule(model, adapter, tiny_directions, REPRPO_LOSS, TrainConfig(), BaseChecksum(model))
     system.train()
     with pytest.raises(CheckpointError):
         system.step_terms(make_batch(tokenizer, 3))["loss"].backward()

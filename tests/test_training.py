@@ -3,18 +3,20 @@ bit-identical, and a write to a base weight during fit is caught and named."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from adapters import hidden
-from adapters.config import LossConfig, TrainConfig
+from adapters.config import TrainConfig
 from adapters.data import PairCollator, encode_pairs
 from adapters.models import BaseChecksum, BaseModelChanged
 from adapters.module import ContrastiveModule
 from adapters.tuners import KINDS, attach
-from conftest import base_clone, make_pairs, tiny_adapter_cfg
+from conftest import REPRPO_LOSS, base_clone, make_pairs, tiny_adapter_cfg
 
 ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
 
@@ -26,7 +28,7 @@ def setup_system(tiny, directions, kind, **train_kw):
     # projection terms, and none from the NLL barrier while the barrier is inside its margin
     model, adapter = attach(model, tiny_adapter_cfg(kind, depth=[0.0, 0.75]), directions)
     train_cfg = TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 0, **train_kw})
-    system = ContrastiveModule(model, adapter, directions, LossConfig(w_contrast=0.5), train_cfg, checksum)
+    system = ContrastiveModule(model, adapter, directions, dataclasses.replace(REPRPO_LOSS, w_contrast=0.5), train_cfg, checksum)
     collate = PairCollator(tok.pad_token_id)
     train = DataLoader(encode_pairs(tok, make_pairs(16), 96), batch_size=4, shuffle=True, collate_fn=collate)
     val = DataLoader(encode_pairs(tok, make_pairs(4, start=16), 96), batch_size=4, collate_fn=collate)
@@ -166,12 +168,17 @@ def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind):
     _, adapter, system, train, _ = setup_system(tiny, tiny_directions, kind)
     randomize(adapter, std=0.2)
     batch = next(iter(train))
-    got = system.policy_passes(batch)
+    B = batch["index"].numel()
+    # per-pair magnitudes (one value for a kind without per-example coefficients)
+    mags = torch.tensor([0.5, 2.0, 1.0, 1.5] * B)[:B] if adapter.per_example else torch.full((B,), 1.5)
+    got = system.policy_passes(batch, mags)
     for c in (1.0, -1.0):
-        h, nll = system._forward(batch, c)
+        rows = c * torch.cat([mags, mags])  # each pair's two members at the pair's signed coefficient
+        h, nll = system._forward(batch, rows if adapter.per_example else float(rows[0]))
         for l in system.layers:
             torch.testing.assert_close(got[c][0][l], h[l], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(got[c][1], nll, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got[c][2], c * mags)
     assert not torch.allclose(got[1.0][1], got[-1.0][1]), "the two signs gave the same pass"
 
 
