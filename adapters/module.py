@@ -143,11 +143,13 @@ class ContrastiveModule(L.LightningModule):
         """|c| per pair at this step, drawn from loss.coeffs by (seed, step, pair): the same on every
         rank and after a resume. Kinds without per-example coefficients draw one per step."""
         choices, seed = self.loss_cfg.coeffs, self.train_cfg.seed
-        if len(choices) == 1:
-            return torch.full((len(index),), float(choices[0]))
-        if not self.adapter.per_example:
-            return torch.full((len(index),), float(random.Random(f"{seed}:{step}").choice(choices)))
+        if len(choices) == 1 or not self.adapter.per_example:
+            return torch.full((len(index),), self._step_magnitude(step))
         return torch.tensor([float(random.Random(f"{seed}:{step}:{i}").choice(choices)) for i in index])
+
+    def _step_magnitude(self, step: int) -> float:
+        """The one |c| of a step for kinds without per-example coefficients."""
+        return float(random.Random(f"{self.train_cfg.seed}:{step}").choice(self.loss_cfg.coeffs))
 
     def policy_passes(self, batch, mags: torch.Tensor) -> dict[float, tuple[dict, torch.Tensor, torch.Tensor]]:
         """Hidden states, NLL and the per-pair coefficients at +|c| and -|c|: one forward pass of
@@ -202,7 +204,7 @@ class ContrastiveModule(L.LightningModule):
         if self.adapter.per_example:
             mags = [float(rng.choice(self.loss_cfg.coeffs)) for _ in picks]
         else:
-            mags = [float(random.Random(f"{seed}:{step}").choice(self.loss_cfg.coeffs))] * len(picks)
+            mags = [self._step_magnitude(step)] * len(picks)
         half = (len(picks) + 1) // 2
         signed = [m if k < half else -m for k, m in enumerate(mags)]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
