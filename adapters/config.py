@@ -187,7 +187,7 @@ class AdapterConfig:
 @dataclass
 class LossConfig:
     """The default is ReprPO with a linear target + NLL margin + persona distillation + signed
-    preference + neutral KL barrier, over |c| in {0.5, 1, 1.5, 2}; configs/recipes/ holds the
+    preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; configs/recipes/ holds the
     card's pure ReprPO loss and each behaviour term alone (README, "Loss")."""
 
     w_contrast: float = 1.0
@@ -225,7 +225,7 @@ class LossConfig:
     """Weight of the neutral-text KL barrier relu(KL(p_c ‖ p_0) - kl_margin)."""
     kl_margin: float = 0.02
     """Free KL (nats per token) on neutral text before the barrier acts."""
-    coeffs: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    coeffs: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
     """Training coefficient magnitudes: each pair and behaviour prompt draws |c| from this list
     every step and is trained at +|c| and -|c| (both signs in every batch)."""
 
@@ -406,6 +406,11 @@ class EvalConfig:
     shift_budget: float = 0.15
     """ΔNLL budget (nats per token) of the shift_up / shift_down columns: the largest move of the
     probe score away from c = 0 among coefficients whose neutral-text ΔNLL is at most this."""
+    shift_search: int = 5
+    """Bisection steps that locate, for the adapter and every steering vector, the coefficient
+    where neutral ΔNLL crosses shift_budget in each direction (0 = the grid only)."""
+    shift_reach: float = 4.0
+    """The search may go past the grid up to this many times the grid's largest |c|."""
     n_boot: int = 1000
     batch_size: int = 16
 
@@ -435,6 +440,10 @@ class EvalConfig:
         _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
         _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
         _check(self.fit_range > 0 and self.shift_budget > 0, "eval.fit_range and eval.shift_budget must be > 0")
+        _check(isinstance(self.shift_search, int) and not isinstance(self.shift_search, bool) and self.shift_search >= 0,
+               f"eval.shift_search is {self.shift_search!r}; it must be a whole number >= 0")
+        _check(math.isfinite(self.shift_reach) and self.shift_reach >= 1,
+               f"eval.shift_reach is {self.shift_reach!r}; it must be a finite number >= 1")
 
 
 @dataclass

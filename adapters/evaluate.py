@@ -27,7 +27,14 @@ mean y over valid coefficients. The fit (slope, r2, p_value, score) uses the coe
 Shift within a ΔNLL budget (``shift_budget``, default 0.15 nats): among the coefficients whose
 neutral-text ΔNLL is at most the budget, the largest move of mean y above (shift_up) and below
 (shift_down) its value at c = 0. Rescaling c changes a slope but not this figure, so it compares
-methods whose coefficients mean different things (prompting, peers, adapters). ``monotone``:
+methods whose coefficients mean different things (prompting, peers, adapters). c_up / c_down: the
+coefficients where those shifts are reached. A grid can straddle the budget (steering-vectors'
+vectors spend it before c = 0.5) or stop short of it (an adapter still inside it at c = 4), so for
+every scalable method (the adapter and every steering vector, not prompting) the sweep searches
+on: in each direction it doubles |c| past the grid's end while ΔNLL stays within the budget (up to
+``shift_reach`` times the grid's largest |c|), then bisects ``shift_search`` times between the
+last coefficient inside the budget and the first outside. Those rows carry ``search`` = True; they
+count for the shift only, never for the fit. ``monotone``:
 mean y moves the same way between every two neighbouring coefficients of [-fit_range, fit_range].
 dnll_m1 / dnll_p1: neutral ΔNLL at c = -1 / +1.
 """
@@ -49,7 +56,7 @@ from .probes import Probe, load_probe, neutral_texts
 from .steer import steer
 
 SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_value", "score", "min", "max", "monotone",
-                   "dnll_m1", "dnll_p1", "shift_up", "shift_down")
+                   "dnll_m1", "dnll_p1", "shift_up", "shift_down", "c_up", "c_down")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -205,8 +212,10 @@ def shift_within(coeffs, mean_y, dnll, budget: float = 0.15) -> dict:
     if not len(y0):
         return {"shift_up": math.nan, "shift_down": math.nan}
     ok = dnll <= budget
-    moved = mean_y[ok] - float(y0[0])
-    return {"shift_up": float(max(0.0, moved.max(initial=0.0))), "shift_down": float(max(0.0, -moved.min(initial=0.0)))}
+    c_ok, moved = coeffs[ok], mean_y[ok] - float(y0[0])
+    up, down = int(np.argmax(moved)), int(np.argmin(moved))
+    return {"shift_up": float(max(0.0, moved[up])), "shift_down": float(max(0.0, -moved[down])),
+            "c_up": float(c_ok[up]) if moved[up] > 0 else 0.0, "c_down": float(c_ok[down]) if moved[down] < 0 else 0.0}
 
 
 # --------------------------------------------------------------------------- methods
@@ -224,6 +233,7 @@ class Method:
     context: callable = None
     system: callable = None
     per_example: bool = False
+    scalable: bool = False  # c is a continuous dose (adapter, vectors): the shift search may add coefficients
 
     def ctx(self, c):
         return self.context(c) if self.context else contextlib.nullcontext()
@@ -247,7 +257,7 @@ def adapter_method(model, coeffs, name="adapter") -> Method:
     from .tuners.base import attached_adapter
 
     return Method(name, list(coeffs), context=lambda c: steer(model, c),
-                  per_example=attached_adapter(model).per_example)
+                  per_example=attached_adapter(model).per_example, scalable=True)
 
 
 def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vector") -> Method:
@@ -264,7 +274,7 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
         with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext(), vec.apply(c):
             yield
 
-    return Method(name, list(coeffs), context=ctx, per_example=True)
+    return Method(name, list(coeffs), context=ctx, per_example=True, scalable=True)
 
 
 def prompting_method(model, positive: str, negative: str, template: str = "You are {persona} person.") -> Method:
@@ -308,7 +318,8 @@ class Report:
 
 
 def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list[str], batch_size: int = 16):
-    """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient."""
+    """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient
+    (None with ``neutral`` None)."""
     if m.per_example:  # one group: every coefficient in the same forward passes
         device = next(model.parameters()).device
         groups = [(list(m.coeffs), contextlib.nullcontext,
@@ -318,13 +329,68 @@ def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list
     ys, masses, nlls = {p.kind: [] for p in probes}, {p.kind: [] for p in probes}, []
     for coeffs, outer, ctx in groups:
         with outer():
-            nlls.append(neutral_nll(model, tokenizer, neutral, coeffs, m.sys, max(1, batch_size // 4), ctx))
+            if neutral is not None:
+                nlls.append(neutral_nll(model, tokenizer, neutral, coeffs, m.sys, max(1, batch_size // 4), ctx))
             for p in probes:
                 y, mass = probe_scores(model, tokenizer, p, coeffs, m.sys, batch_size, ctx)
                 ys[p.kind].append(y)
                 masses[p.kind].append(mass)
     cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
-    return cat(ys), cat(masses), torch.cat(nlls).numpy()
+    return cat(ys), cat(masses), torch.cat(nlls).numpy() if nlls else None
+
+
+def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, base_nll: float, batch_size: int) -> float:
+    """Neutral-text ΔNLL of method ``m`` at one coefficient."""
+    if m.per_example:
+        device = next(model.parameters()).device
+        nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
+                          lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))
+    else:
+        with m.ctx(c):
+            nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
+    return float(nll[0]) - base_nll
+
+
+def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: dict[float, float], base_nll: float,
+                  cfg) -> dict[float, float]:
+    """Coefficients beyond the grid that locate, in each direction, where neutral ΔNLL crosses
+    ``cfg.shift_budget``: |c| doubles past the grid's end while ΔNLL stays within it (up to
+    ``cfg.shift_reach`` x the grid's largest |c|), then ``cfg.shift_search`` bisections between the
+    last coefficient inside the budget and the first outside (a quarter of the way when the first
+    grid point is already outside, so a vector that spends the budget early is still found).
+    Returns {coefficient: ΔNLL} for the new coefficients."""
+    budget, bs = cfg.shift_budget, max(1, cfg.batch_size // 4)
+    reach = cfg.shift_reach * max(abs(c) for c in grid_dnll)
+    found: dict[float, float] = {}
+
+    def inside_budget(c: float) -> bool:
+        found[c] = _neutral_dnll(model, tokenizer, m, neutral, c, base_nll, bs)
+        return found[c] <= budget
+
+    for sign in (1.0, -1.0):
+        side = sorted((abs(c), d) for c, d in grid_dnll.items() if c * sign > 0)
+        if not side:
+            continue
+        inside, outside = 0.0, None
+        for a, d in side:
+            if d > budget:
+                outside = a
+                break
+            inside = a
+        a = side[-1][0]
+        while outside is None and a < reach:
+            a = min(2 * a, reach)
+            if inside_budget(sign * a):
+                inside = a
+            else:
+                outside = a
+        for _ in range(cfg.shift_search if outside is not None else 0):
+            a = (inside + outside) / 2 if inside > 0 else outside / 4
+            if inside_budget(sign * a):
+                inside = a
+            else:
+                outside = a
+    return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
 def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg, log=print) -> Report:
@@ -332,12 +398,25 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg,
     report = Report()
     for m in methods:
         ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
-        i0 = m.coeffs.index(0.0)
+        coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
+        base_nll = float(nlls[i0])
+        found = {}
+        if m.scalable and cfg.shift_search > 0:
+            found = budget_search(model, tokenizer, m, neutral, {c: float(n) - base_nll for c, n in zip(coeffs, nlls)},
+                                  base_nll, cfg)
+        extra = list(found)
+        if extra:  # the probes at the search's coefficients (their ΔNLL is known)
+            ys2, masses2, _ = score_method(model, tokenizer, dataclasses.replace(m, coeffs=extra), probes, None,
+                                           cfg.batch_size)
+            ys = {k: np.concatenate([ys[k], ys2[k]]) for k in ys}
+            masses = {k: np.concatenate([masses[k], masses2[k]]) for k in masses}
+            nlls = np.concatenate([nlls, [base_nll + found[c] for c in extra]])
+        all_coeffs, n_grid = coeffs + extra, len(coeffs)
         for p in probes:
             y_all, mass_all = ys[p.kind], masses[p.kind]
-            base_mass, base_nll = float(mass_all[i0].mean()), float(nlls[i0])
-            means, valid = [], []
-            for j, c in enumerate(m.coeffs):
+            base_mass = float(mass_all[i0].mean())
+            means, valid, dn = [], [], []
+            for j, c in enumerate(all_coeffs):
                 y = y_all[j]
                 lo, hi = bootstrap_ci(y, cfg.n_boot)
                 ratio = float(mass_all[j].mean()) / base_mass if base_mass > 0 else math.nan
@@ -346,15 +425,17 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg,
                 report.rows.append({"method": m.name, "probe": p.kind, "coeff": float(c), "mean_y": float(y.mean()),
                                     "ci_low": lo, "ci_high": hi, "honest_rate": float((y > 0).mean()),
                                     "mass": float(mass_all[j].mean()), "mass_ratio": ratio, "dnll": dnll,
-                                    "valid": ok})
+                                    "valid": ok, "search": j >= n_grid})
                 means.append(float(y.mean()))
                 valid.append(ok)
-            dn = [float(nlls[j]) - base_nll for j in range(len(m.coeffs))]
-            s = summarize(m.coeffs, means, valid, y_all[i0], dn, cfg.fit_range, cfg.shift_budget)
+                dn.append(dnll)
+            s = summarize(coeffs, means[:n_grid], valid[:n_grid], y_all[i0], dn[:n_grid], cfg.fit_range,
+                          cfg.shift_budget)
+            s.update(shift_within(all_coeffs, means, dn, cfg.shift_budget))
             report.summary.append({"method": m.name, "probe": p.kind, **s})
             log(f"  {m.name:>16} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
                 f"valid {s['valid_frac']:.2f} score {s['score']:.2f} shift@{cfg.shift_budget:g} "
-                f"+{s['shift_up']:.2f}/-{s['shift_down']:.2f}")
+                f"+{s['shift_up']:.2f} (c {s['c_up']:+.3g}) / -{s['shift_down']:.2f} (c {s['c_down']:+.3g})")
     signal_notes(report)
     return report
 
@@ -430,7 +511,8 @@ def markdown(report: Report, title: str = "Evaluation", rows: bool = True) -> st
         for r in (r for r in report.rows if r["probe"] == probe):
             lines.append(f"| {r['method']} | {r['coeff']:+g} | {r['mean_y']:+.2f} | "
                          f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['honest_rate']:.2f} | "
-                         f"{r['mass_ratio']:.2f} | {r['dnll']:+.3f} | {'yes' if r['valid'] else 'NO'} |")
+                         f"{r['mass_ratio']:.2f} | {r['dnll']:+.3f} | {'yes' if r['valid'] else 'NO'} |"
+                         + (" search |" if r.get("search") else ""))
         lines.append("")
     if report.separation:
         lines += ["## Held-out pairs: projections on the reference directions (units of s_l, last token)", "",
@@ -472,7 +554,7 @@ def plot(report: Report, path: Path, top: int = 0) -> None:
         names = [r["method"] for r in _ranked(report, probe)]
         keep = set(names[:top] if top else names) | ({"prompting", "base"} & set(names))
         for method in (m for m in dict.fromkeys(r["method"] for r in report.rows) if m in keep):
-            rs = [r for r in report.rows if r["probe"] == probe and r["method"] == method]
+            rs = [r for r in report.rows if r["probe"] == probe and r["method"] == method and not r.get("search")]
             c = np.array([r["coeff"] for r in rs])
             y = np.array([r["mean_y"] for r in rs])
             err = np.array([[r["mean_y"] - r["ci_low"] for r in rs], [r["ci_high"] - r["mean_y"] for r in rs]])

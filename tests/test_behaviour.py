@@ -105,8 +105,8 @@ def test_shift_within_budget():
     c = [-2.0, -1.0, 0.0, 1.0, 2.0]
     y = [-3.0, -1.0, 0.5, 2.0, 4.0]
     dnll = [0.5, 0.1, 0.0, 0.1, 0.2]
-    assert shift_within(c, y, dnll, 0.15) == {"shift_up": 1.5, "shift_down": 1.5}
-    assert shift_within(c, y, dnll, 1.0) == {"shift_up": 3.5, "shift_down": 3.5}
+    assert shift_within(c, y, dnll, 0.15) == {"shift_up": 1.5, "shift_down": 1.5, "c_up": 1.0, "c_down": -1.0}
+    assert shift_within(c, y, dnll, 1.0) == {"shift_up": 3.5, "shift_down": 3.5, "c_up": 2.0, "c_down": -2.0}
     # rescaling c changes the slope, not the shift
     a = summarize(c, y, [True] * 5, np.array([0.0, 1.0]), dnll)
     b = summarize([2 * x for x in c], y, [True] * 5, np.array([0.0, 1.0]), dnll, fit_range=4.0)

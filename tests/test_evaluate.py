@@ -81,6 +81,37 @@ def test_the_sweep_applies_the_validity_rule(monkeypatch):
     assert s["valid_frac"] == 0.5 and math.isnan(s["slope"])  # only 2 valid points
 
 
+
+def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
+    """Going up, ΔNLL = 0.005·c² stays inside 0.15 past the grid's end (crossing at c = √30);
+    going down, ΔNLL = 10·|c| is outside at the first grid point (crossing at c = -0.015). The
+    search finds both crossings, its rows count for the shift and never for the fit, and
+    prompting (not scalable) is never searched."""
+    coeffs = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
+    dnll = lambda c: 0.005 * c * c if c >= 0 else -10.0 * c  # noqa: E731
+
+    def fake_score(model, tok, m, probes, neutral, batch_size):
+        cs = np.array(m.coeffs)
+        return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))},
+                np.array([2.0 + dnll(c) for c in cs]))
+
+    calls = []
+    monkeypatch.setattr(evaluate, "score_method", fake_score)
+    monkeypatch.setattr(evaluate, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: calls.append(c) or dnll(c))
+    monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
+    probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
+    methods = [evaluate.Method("m", coeffs, scalable=True), evaluate.Method("prompting", [-1.0, 0.0, 1.0])]
+    rep = evaluate.run_sweep(None, None, methods, [probe], cfg, log=lambda *_: None)
+    s = {r["method"]: r for r in rep.summary}
+    assert 0.9 * 30 ** 0.5 <= s["m"]["c_up"] <= 30 ** 0.5 and s["m"]["shift_up"] == s["m"]["c_up"]  # y = c
+    assert 0.6 * 0.015 <= -s["m"]["c_down"] <= 0.015
+    assert 8.0 in calls and max(calls) <= 16.0  # doubled past the grid, within shift_reach x 4
+    search = [r for r in rep.rows if r.get("search")]
+    assert search and all(r["method"] == "m" for r in search) and len(calls) == len(search)
+    assert s["m"]["slope"] == pytest.approx(1.0) and s["m"]["r2"] == pytest.approx(1.0)  # grid rows only (|c| <= 2)
+    assert s["prompting"]["shift_up"] == 1.0 and s["prompting"]["c_up"] == 1.0
+
 # --------------------------------------------------------------------------- batched sweeps
 
 
@@ -146,7 +177,7 @@ def test_report_files(tmp_path):
     paths = evaluate.write_report(evaluate.Report(rows, summary), tmp_path, "T", plot_top=1)
     table = paths["csv"].read_text().splitlines()
     assert table[0] == ("probe,method,slope,r2,valid_frac,effect_size,p_value,score,min,max,monotone,dnll_m1,dnll_p1,"
-                        "shift_up,shift_down")
+                        "shift_up,shift_down,c_up,c_down")
     assert table[1].startswith("p,strong,2.0") and table[2].startswith("p,weak,0.5")  # sorted by score
     assert len(paths["rows_csv"].read_text().splitlines()) == 7
     md = paths["md"].read_text()
@@ -179,7 +210,7 @@ def test_eval_cli_with_user_questions(additive_run, tmp_path, capsys):
     rep = json.loads((additive_run / "eval" / "report.json").read_text())
     assert {(r["method"], r["probe"]) for r in rep["summary"]} == \
         {("adapter", "yes_no"), ("prompting", "yes_no"), ("random", "yes_no")}
-    assert {r["coeff"] for r in rep["rows"] if r["method"] == "adapter"} == {-1.0, 0.0, 1.0}
+    assert {r["coeff"] for r in rep["rows"] if r["method"] == "adapter" and not r["search"]} == {-1.0, 0.0, 1.0}
     assert (additive_run / "report.json").read_bytes() == before  # the training report is kept
     assert "| method | slope |" in capsys.readouterr().out
 
