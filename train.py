@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
     model, adapter = attach(model, cfg.adapter, directions)
     n_train = sum(p.numel() for p in adapter.trainable_parameters())
     last_loss = max(layer_index(l) for l in directions.selected)
-    late = sorted({layer_index(t) for t in getattr(adapter, "targets", getattr(adapter, "layers", []))} - {-1})
+    late = sorted({layer_index(t) for t in adapter.steered_modules()} - {-1})
     late = [i for i in late if i > last_loss]
     if late:
         print(f"warning: adapter layers {late} come after the last loss layer ({last_loss}); they get gradient "
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> Path:
             logger.experiment.log(evaluate.wandb_payload(report, paths["png"]))
     write_json(run_dir / "timing.json", {
         "seconds": time.time() - t0, "fit_seconds": t_fit, "step_seconds": t_fit / max(cfg.train.steps - start, 1),
-        "eval_seconds": time.time() - t_eval, "trainable_parameters": n_train, "kind": cfg.adapter.kind})
+        "eval_seconds": time.time() - t_eval, "trainable_parameters": n_train, "kind": cfg.adapter.kind,
+        "dtype": str(model.dtype).removeprefix("torch.")})
     if logger:
         logger.experiment.finish()
     print(f"done in {time.time() - t0:.0f}s: {run_dir}")

@@ -186,8 +186,8 @@ class AdapterConfig:
 
 @dataclass
 class LossConfig:
-    """The default is ReprPO with a linear target + NLL margin + persona distillation + signed
-    preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; configs/recipes/ holds the
+    """The default is ReprPO with a linear target + NLL margin + persona-contrast distillation +
+    signed preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; configs/recipes/ holds the
     card's pure ReprPO loss and each behaviour term alone (README, "Loss")."""
 
     w_contrast: float = 1.0
@@ -221,6 +221,10 @@ class LossConfig:
     """γ: the preference margin grows as γ·|c| (asks for more at larger doses)."""
     w_distill: float = 1.0
     """Weight of the persona distillation term (KL from the linear-in-c persona target)."""
+    distill_target: str = "contrast"
+    """contrast: at c the target is z_0 + (c/2)·(z_pos - z_neg), both signs along the two personas'
+    difference (chosen on the selection probes: README, "Loss") | persona: z_0 + |c|·(z_P(sign c)
+    - z_0), the persona of c's sign alone."""
     w_kl: float = 5.0
     """Weight of the neutral-text KL barrier relu(KL(p_c ‖ p_0) - kl_margin)."""
     kl_margin: float = 0.02
@@ -238,6 +242,7 @@ class LossConfig:
         _one_of("loss.bound", self.bound, {"clamp", "tanh"})
         _one_of("loss.aggregate", self.aggregate, {"pair", "token"})
         _one_of("loss.target", self.target, {"clamp", "linear"})
+        _one_of("loss.distill_target", self.distill_target, {"persona", "contrast"})
         _check(self.clamp > 0, "loss.clamp must be > 0")
         _check(self.kappa > 0, "loss.kappa must be > 0")
         weights = (self.w_contrast, self.w_shift, self.nll_weight, self.w_pref, self.w_distill, self.w_kl)
@@ -406,9 +411,9 @@ class EvalConfig:
     shift_budget: float = 0.15
     """ΔNLL budget (nats per token) of the shift_up / shift_down columns: the largest move of the
     probe score away from c = 0 among coefficients whose neutral-text ΔNLL is at most this."""
-    shift_search: int = 5
-    """Bisection steps that locate, for the adapter and every steering vector, the coefficient
-    where neutral ΔNLL crosses shift_budget in each direction (0 = the grid only)."""
+    shift_search: int = 4
+    """Extra coefficients evaluated per direction, for the adapter and every steering vector, to
+    locate where neutral ΔNLL crosses shift_budget (0 = the grid only)."""
     shift_reach: float = 4.0
     """The search may go past the grid up to this many times the grid's largest |c|."""
     n_boot: int = 1000

@@ -31,9 +31,9 @@ methods whose coefficients mean different things (prompting, peers, adapters). c
 coefficients where those shifts are reached. A grid can straddle the budget (steering-vectors'
 vectors spend it before c = 0.5) or stop short of it (an adapter still inside it at c = 4), so for
 every scalable method (the adapter and every steering vector, not prompting) the sweep searches
-on: in each direction it doubles |c| past the grid's end while ΔNLL stays within the budget (up to
-``shift_reach`` times the grid's largest |c|), then bisects ``shift_search`` times between the
-last coefficient inside the budget and the first outside. Those rows carry ``search`` = True; they
+on: in each direction it evaluates up to ``shift_search`` more coefficients, each where a power law
+k·|c|^e through the two nearest points puts the crossing (past the grid's end up to ``shift_reach``
+times its largest |c|, or inside the bracket the grid or search found). Those rows carry ``search`` = True; they
 count for the shift only, never for the fit. ``monotone``:
 mean y moves the same way between every two neighbouring coefficients of [-fit_range, fit_range].
 dnll_m1 / dnll_p1: neutral ΔNLL at c = -1 / +1.
@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hidden
 from .data import encode, pad_left
 from .io import atomic_write_bytes, atomic_write_text, write_json
 from .probes import Probe, load_probe, neutral_texts
@@ -234,6 +235,7 @@ class Method:
     system: callable = None
     per_example: bool = False
     scalable: bool = False  # c is a continuous dose (adapter, vectors): the shift search may add coefficients
+    prefix: int = 0  # decoder layers below this one are the same at every c: computed once per item
 
     def ctx(self, c):
         return self.context(c) if self.context else contextlib.nullcontext()
@@ -256,8 +258,9 @@ def _adapter_off(model):
 def adapter_method(model, coeffs, name="adapter") -> Method:
     from .tuners.base import attached_adapter
 
-    return Method(name, list(coeffs), context=lambda c: steer(model, c),
-                  per_example=attached_adapter(model).per_example, scalable=True)
+    adapter = attached_adapter(model)
+    return Method(name, list(coeffs), context=lambda c: steer(model, c), per_example=adapter.per_example,
+                  scalable=True, prefix=hidden.first_layer(adapter.steered_modules()))
 
 
 def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vector") -> Method:
@@ -274,7 +277,8 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
         with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext(), vec.apply(c):
             yield
 
-    return Method(name, list(coeffs), context=ctx, per_example=True, scalable=True)
+    return Method(name, list(coeffs), context=ctx, per_example=True, scalable=True,
+                  prefix=hidden.first_layer(list(vectors)))
 
 
 def prompting_method(model, positive: str, negative: str, template: str = "You are {persona} person.") -> Method:
@@ -322,8 +326,15 @@ def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list
     (None with ``neutral`` None)."""
     if m.per_example:  # one group: every coefficient in the same forward passes
         device = next(model.parameters()).device
-        groups = [(list(m.coeffs), contextlib.nullcontext,
-                   lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))]
+        share = len(m.coeffs) if m.system is None else 1  # an item's rows differ only by c: one prefix
+
+        @contextlib.contextmanager
+        def batched(cs):
+            with m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)), \
+                    hidden.shared_prefix(model, m.prefix, share):
+                yield
+
+        groups = [(list(m.coeffs), contextlib.nullcontext, batched)]
     else:
         groups = [([c], lambda c=c: m.ctx(c), None) for c in m.coeffs]
     ys, masses, nlls = {p.kind: [] for p in probes}, {p.kind: [] for p in probes}, []
@@ -351,45 +362,64 @@ def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, bas
     return float(nll[0]) - base_nll
 
 
+def _crossing(a1: float, d1: float, a2: float, d2: float, budget: float) -> float | None:
+    """Where ΔNLL = k·|c|^e through (a1, d1) and (a2, d2) reaches ``budget`` (None when the two
+    points do not define a rising power law)."""
+    if min(a1, a2, d1, d2) <= 0 or a1 == a2 or d1 == d2:
+        return None
+    e = math.log(d2 / d1) / math.log(a2 / a1)
+    return a2 * (budget / d2) ** (1 / e) if e > 0 else None
+
+
 def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: dict[float, float], base_nll: float,
                   cfg) -> dict[float, float]:
     """Coefficients beyond the grid that locate, in each direction, where neutral ΔNLL crosses
-    ``cfg.shift_budget``: |c| doubles past the grid's end while ΔNLL stays within it (up to
-    ``cfg.shift_reach`` x the grid's largest |c|), then ``cfg.shift_search`` bisections between the
-    last coefficient inside the budget and the first outside (a quarter of the way when the first
-    grid point is already outside, so a vector that spends the budget early is still found).
-    Returns {coefficient: ΔNLL} for the new coefficients."""
+    ``cfg.shift_budget``, with at most ``cfg.shift_search`` evaluations per direction. ΔNLL is
+    modelled as k·|c|^e through the two points nearest the crossing: past the grid's end the model
+    extrapolates (at least 1.25x, at most 4x the last |c| and ``cfg.shift_reach`` x the grid's
+    largest |c|; doubling where it cannot be fitted); inside a bracket it interpolates (kept off
+    the bracket's ends; through the two nearest outside points, or with e = 2, when the inside one
+    is c = 0),
+    until the bracket is within 2% of |c|. Returns {coefficient: ΔNLL} for the new coefficients."""
     budget, bs = cfg.shift_budget, max(1, cfg.batch_size // 4)
     reach = cfg.shift_reach * max(abs(c) for c in grid_dnll)
     found: dict[float, float] = {}
-
-    def inside_budget(c: float) -> bool:
-        found[c] = _neutral_dnll(model, tokenizer, m, neutral, c, base_nll, bs)
-        return found[c] <= budget
 
     for sign in (1.0, -1.0):
         side = sorted((abs(c), d) for c, d in grid_dnll.items() if c * sign > 0)
         if not side:
             continue
-        inside, outside = 0.0, None
+        known = [(0.0, 0.0)]  # (|c|, ΔNLL) inside the budget, increasing |c|
+        outs = []  # outside it, decreasing |c| (the nearest last)
         for a, d in side:
             if d > budget:
-                outside = a
+                outs = [(a, d)]
                 break
-            inside = a
-        a = side[-1][0]
-        while outside is None and a < reach:
-            a = min(2 * a, reach)
-            if inside_budget(sign * a):
-                inside = a
+            known.append((a, d))
+        for _ in range(cfg.shift_search):
+            (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
+            if not outs:
+                if a1 >= reach:
+                    break
+                guess = _crossing(a0, d0, a1, d1, budget)
+                a = min(reach, 2 * a1 if guess is None else min(max(guess, 1.25 * a1), 4 * a1))
             else:
-                outside = a
-        for _ in range(cfg.shift_search if outside is not None else 0):
-            a = (inside + outside) / 2 if inside > 0 else outside / 4
-            if inside_budget(sign * a):
-                inside = a
+                ao, do = outs[-1]
+                if ao - a1 <= 0.02 * ao:
+                    break
+                if d1 > 0:
+                    guess = _crossing(a1, d1, ao, do, budget)
+                elif len(outs) > 1:
+                    guess = _crossing(ao, do, *outs[-2], budget)
+                else:
+                    guess = ao * math.sqrt(budget / do)
+                w = ao - a1
+                a = (a1 + ao) / 2 if guess is None else min(max(guess, a1 + 0.1 * w), ao - 0.1 * w)
+            d = found[sign * a] = _neutral_dnll(model, tokenizer, m, neutral, sign * a, base_nll, bs)
+            if d <= budget:
+                known.append((a, d))
             else:
-                outside = a
+                outs.append((a, d))
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
@@ -648,7 +678,9 @@ def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer) 
         else:  # an independent steering library (adapters.peers.PEERS), trained on the same pairs
             from .peers import peer_method
 
-            out.append(peer_method(name, model, tokenizer, train_pairs, ev.coeffs))
+            from .models import cache_dir
+
+            out.append(peer_method(name, model, tokenizer, train_pairs, ev.coeffs, cache=cache_dir() / "peers"))
     return out
 
 

@@ -125,6 +125,69 @@ def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor
             h.remove()
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers, in order (``model.layers.{N}`` under the transformers model)."""
+    inner = getattr(base_model_of(model), "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise LayerError(f"cannot find the decoder layers of {type(model).__name__} (expected model.layers)")
+    return layers
+
+
+def first_layer(names: list[str]) -> int:
+    """The lowest decoder-layer number among module names: the layers below it are untouched by
+    whatever edits these modules (0 when one of them is outside the decoder layers)."""
+    idx = [layer_index(n) for n in names]
+    return 0 if not idx or min(idx) < 0 else min(idx)
+
+
+_BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+@contextlib.contextmanager
+def shared_prefix(model: nn.Module, first: int, group: int) -> Iterator[None]:
+    """Forward passes whose rows come in runs of ``group`` identical inputs (an item at several
+    coefficients of a steering that leaves layers below ``first`` alone) compute decoder layers
+    0..first-1 once per run and copy the result to its rows before layer ``first``. Rows and
+    padding must repeat exactly (``evaluate`` lays rows out item-major); the batch must divide
+    by ``group``. Layer-wise the same maths on fewer rows: equal to fp32 rounding."""
+    layers = decoder_layers(model)
+    if first <= 0 or group <= 1 or first >= len(layers):
+        yield
+        return
+    state = {}
+
+    def shrink(x, rows):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == rows:
+            return x[::group]
+        if isinstance(x, tuple):
+            return tuple(shrink(t, rows) for t in x)
+        return x
+
+    def enter(_mod, args, kwargs):  # layer 0: the full batch arrives; remember its size
+        rows = args[0].shape[0]
+        if rows % group:
+            raise ValueError(f"shared_prefix: a batch of {rows} rows does not divide into runs of {group}")
+        state["rows"] = rows
+        return (args[0][::group],) + tuple(args[1:]), kwargs
+
+    def inside(_mod, args, kwargs):  # layers 0..first-1: their batched arguments on one row per run
+        rows = state["rows"]
+        return args, {k: shrink(v, rows) if k in _BATCHED_KWARGS else v for k, v in kwargs.items()}
+
+    def leave(_mod, args, kwargs):  # layer first: every row again
+        return (args[0].repeat_interleave(group, 0),) + tuple(args[1:]), kwargs
+
+    handles = [layers[0].register_forward_pre_hook(enter, with_kwargs=True)]
+    handles += [layers[i].register_forward_pre_hook(inside, with_kwargs=True) for i in range(first)]
+    handles.append(layers[first].register_forward_pre_hook(leave, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def record(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Collect each named module's output hidden state, (B, T, D), into the yielded dict."""

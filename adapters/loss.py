@@ -30,8 +30,9 @@ adapter at c; π_0 = the base model, the DPO reference, cached):
 
     Δ_c        = (log π_c(y_h) - log π_0(y_h)) - (log π_c(y_d) - log π_0(y_d))
     pref(c)    = -log σ(β·(sign(c)·Δ_c - γ·|c|))                 BiPO, margin growing with |c|
-    distill(c) = KL(softmax(z_0 + |c|·(z_P(sign c) - z_0)) ‖ p_c)  per completion token, on the
-                 teacher's support S plus one bucket for the rest of the vocabulary
+    distill(c) = KL(softmax(z*(c)) ‖ p_c)  per completion token, on the teacher's support S plus
+                 one bucket for the rest of the vocabulary; z*(c) = z_0 + (c/2)·(z_pos - z_neg)
+                 (contrast) or z_0 + |c|·(z_P(sign c) - z_0) (persona)
     kl(c)      = relu(KL(p_c ‖ p_0) - m)                          neutral text, per sequence
 
 Each behaviour term reverses under c -> -c (the negative persona's target and the negated
@@ -170,8 +171,11 @@ def preference_terms(lp_h: torch.Tensor, lp_d: torch.Tensor, ref_h: torch.Tensor
             "pref_acc": (torch.sign(cm) * delta > 0).float().mean().detach()}
 
 
-def distill_target(lp: torch.Tensor, rest: torch.Tensor, c) -> torch.Tensor:
-    """Log-probs of the target z_0 + |c|·(z_P(sign c) - z_0) on the support plus a rest bucket.
+def distill_target(lp: torch.Tensor, rest: torch.Tensor, c, how: str = "persona") -> torch.Tensor:
+    """Log-probs of the target z_0 + |c|·(z_P(sign c) - z_0) on the support plus a rest bucket
+    (``how`` = persona), or z_0 + (c/2)·(z_pos - z_neg) (``how`` = contrast: both signs move along
+    the difference between the two personas, as a steering vector does; at c = ±1 it moves as far
+    as the personas are apart on average).
 
     lp (3, R, K, S) teacher log-probs (no persona, positive, negative) on the support, rest
     (3, R, K) log outside mass, c (R,) or a float. Returns (R, K, S + 1). Log-probs differ from
@@ -180,6 +184,10 @@ def distill_target(lp: torch.Tensor, rest: torch.Tensor, c) -> torch.Tensor:
     outside mass is shared). At c = 0 it is the base distribution itself."""
     cr = _per_row(c, lp.shape[1], lp).view(-1, 1, 1)  # (R, 1, 1)
     z = torch.cat([lp, rest.unsqueeze(-1)], -1)  # (3, R, K, S+1)
+    if how == "contrast":
+        return torch.log_softmax(z[0] + cr / 2 * (z[1] - z[2]), -1)
+    if how != "persona":
+        raise ValueError(f"unknown distillation target {how!r}; use persona or contrast")
     persona = torch.where(cr.unsqueeze(0) >= 0, z[1:2], z[2:3])[0]  # (R, K, S+1) z_P(sign c)
     return torch.log_softmax(z[0] + cr.abs() * (persona - z[0]), -1)
 

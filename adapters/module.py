@@ -243,7 +243,7 @@ class ContrastiveModule(L.LightningModule):
             out.update(preference_terms(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], c,
                                         self.loss_cfg.pref_beta, self.loss_cfg.pref_gamma))
         if self.loss_cfg.w_distill > 0:
-            target = distill_target(b["lp"], b["rest"], c_rows)
+            target = distill_target(b["lp"], b["rest"], c_rows, self.loss_cfg.distill_target)
             out.update(distill_terms(support_logprobs(logp, b["idx"]), target, b["mask"]))
         return out
 

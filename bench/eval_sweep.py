@@ -4,16 +4,19 @@
 
 The evaluation sweep of a per-example kind (additive, LoRA, ETHER, the steering-vector
 baselines) runs every coefficient of eval.coeffs in the same forward passes (rows item-major,
-each row at its own c). This times ``evaluate.score_method`` on the default probes and the
-neutral text, batched and looped, alternating (so a slow-down of the machine hits both), for
-the adapter kind of configs/<kind>.yaml with random non-zero parameters and for the PCA-style
-steering vector, and prints the median seconds, the speed-up and the largest |Δy| between
-the two paths.
+each row at its own c), and computes the decoder layers below the method's first steered
+layer once per item (``hidden.shared_prefix``). This times ``evaluate.score_method`` on the
+default probes and the neutral text three ways, alternating (so a slow-down of the machine hits
+all): looped (one pass per coefficient), batched without the shared prefix, and batched with it
+(the evaluation's path), for the adapter kind of configs/<kind>.yaml with random non-zero
+parameters and for a steering vector at the PCA vector's depth, and prints the median seconds,
+the speed-ups over the loop and the largest |Δy| from the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine_line  # noqa: E402
 
 KIND_CONFIGS = {"lora": "honesty", "additive": "additive", "ether": "ether"}
 
@@ -55,28 +61,31 @@ def main() -> None:
     ev = cfg.eval
     probes = [load_probe(k, ev, tok) for k in ev.probes]
     neutral = neutral_texts(ev.neutral, ev.neutral_items)
-    layers = resolve(model, ["model.layers.{N}"], [0.5, 0.7])
+    layers = resolve(model, ["model.layers.{N}"], [0.5, 0.55])  # the PCA vector's layers 15, 16
     dim = output_dim(model, layers[0])
     vectors = {l: torch.randn(dim, generator=g) * 2.0 for l in layers}
     methods = {f"adapter ({args.kind})": evaluate.adapter_method(model, ev.coeffs),
                "steering vector": evaluate.vector_method(model, vectors, ev.coeffs)}
     items = sum(len(p.user) for p in probes)
-    print(f"model {args.model} ({model.dtype}), {torch.get_num_threads()} threads; coefficients {ev.coeffs}; "
+    print(machine_line(model.dtype))
+    print(f"model {args.model}; coefficients {ev.coeffs}; "
           f"probes {ev.probes} ({items} items) + {len(neutral)} neutral paragraphs; batch_size {ev.batch_size}")
-    print(f"{'method':<20} {'looped s':>9} {'batched s':>9} {'speed-up':>9} {'max |Δy|':>9}")
+    print(f"{'method':<20} {'prefix':>6} {'looped s':>9} {'batched s':>9} {'shared s':>9} {'batched x':>10} "
+          f"{'shared x':>10} {'max |Δy|':>9}")
     for name, m in methods.items():
-        looped = evaluate.Method(m.name, m.coeffs, m.context, m.system, per_example=False)
-        times = {"looped": [], "batched": []}
-        out = {}
+        paths = {"looped": dataclasses.replace(m, per_example=False), "batched": dataclasses.replace(m, prefix=0),
+                 "shared": m}
+        times, out = {k: [] for k in paths}, {}
         evaluate.score_method(model, tok, m, probes[:1], neutral[:1], ev.batch_size)  # warm-up
         for _ in range(args.repeats):
-            for label, meth in (("looped", looped), ("batched", m)):
+            for label, meth in paths.items():
                 t = time.perf_counter()
                 out[label] = evaluate.score_method(model, tok, meth, probes, neutral, ev.batch_size)
                 times[label].append(time.perf_counter() - t)
-        tl, tb = statistics.median(times["looped"]), statistics.median(times["batched"])
-        dy = max(float(np.abs(out["looped"][0][k] - out["batched"][0][k]).max()) for k in out["looped"][0])
-        print(f"{name:<20} {tl:>9.2f} {tb:>9.2f} {tl / tb:>8.2f}x {dy:>9.4f}")
+        tl, tb, ts = (statistics.median(times[k]) for k in paths)
+        dy = max(float(np.abs(out["looped"][0][k] - out[p][0][k]).max()) for k in out["looped"][0]
+                 for p in ("batched", "shared"))
+        print(f"{name:<20} {m.prefix:>6} {tl:>9.2f} {tb:>9.2f} {ts:>9.2f} {tl / tb:>9.2f}x {tl / ts:>9.2f}x {dy:>9.4f}")
 
 
 if __name__ == "__main__":

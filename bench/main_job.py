@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine_line  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +41,9 @@ def main() -> None:
             sys.exit(f"train.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
         timing = json.loads((Path(tmp) / "main-job" / "timing.json").read_text())
+    print(machine_line(timing.get("dtype")))
     print(f"main job ({Path(args.config).name} {' '.join(args.overrides)}): wall {wall:.0f} s, "
-          f"peak RSS {peak_mib:,.0f} MiB, {os.cpu_count()} CPUs")
+          f"peak RSS {peak_mib:,.0f} MiB")
     print(f"  train.py {timing['seconds']:.0f} s: fit {timing['fit_seconds']:.0f} s "
           f"({timing['step_seconds']:.2f} s/step), evaluation {timing['eval_seconds']:.0f} s, "
           f"rest (imports, model load, directions, save) "

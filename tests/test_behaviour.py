@@ -73,6 +73,22 @@ def test_distillation_target_is_linear_in_c_and_reverses():
                           distill_target(lp, rest, torch.full((3,), 1.5)), atol=1e-6)
 
 
+def test_contrast_distillation_target_moves_along_the_persona_difference():
+    """distill_target = contrast: z_0 + (c/2)(z_pos - z_neg); the base at c = 0, the same move with
+    the sign flipped at -c (exactly the target at +c with the personas swapped)."""
+    full, idx, lp, rest = teacher_logprobs()
+    z = torch.cat([lp, rest.unsqueeze(-1)], -1)
+    c = torch.tensor([1.0, -2.0, 0.5])
+    got = distill_target(lp, rest, c, "contrast")
+    assert torch.allclose(got, torch.log_softmax(z[0] + c.view(-1, 1, 1) / 2 * (z[1] - z[2]), -1), atol=1e-6)
+    assert torch.allclose(distill_target(lp, rest, torch.zeros(3), "contrast"), torch.log_softmax(z[0], -1), atol=1e-6)
+    swapped_lp, swapped_rest = lp[[0, 2, 1]], rest[[0, 2, 1]]
+    assert torch.allclose(distill_target(swapped_lp, swapped_rest, -c, "contrast"), got, atol=1e-6)
+    assert not torch.allclose(distill_target(lp, rest, -c, "contrast"), got, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown distillation target 'other'"):
+        distill_target(lp, rest, c, "other")
+
+
 def test_kl_barrier_is_zero_at_the_base_and_has_a_free_margin():
     logp = torch.log_softmax(torch.randn(2, 5, 7), -1)
     mask = torch.ones(2, 5, dtype=torch.bool)

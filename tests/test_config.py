@@ -121,6 +121,7 @@ def test_unknown_adapter_kind_lists_kinds():
     ({"directions": {"depth": [0.9, 0.2]}}, "depth"),
     ({"directions": {"select": "explicit"}}, "explicit"),
     ({"loss": {"bound": "sigmoid"}}, "clamp"),
+    ({"loss": {"distill_target": "teacher"}}, "contrast"),
     ({"loss": {"w_contrast": 0.0, "w_shift": 0.0, "w_pref": 0.0, "w_distill": 0.0}}, "w_shift"),
     ({"data": {"template": "no persona here"}}, "persona"),
     ({"data": {"positive": "x", "negative": "x"}}, "differ"),

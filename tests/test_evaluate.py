@@ -100,13 +100,14 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
     monkeypatch.setattr(evaluate, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: calls.append(c) or dnll(c))
     monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
     probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
-    cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
+    cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=4, shift_reach=4.0)
     methods = [evaluate.Method("m", coeffs, scalable=True), evaluate.Method("prompting", [-1.0, 0.0, 1.0])]
     rep = evaluate.run_sweep(None, None, methods, [probe], cfg, log=lambda *_: None)
     s = {r["method"]: r for r in rep.summary}
-    assert 0.9 * 30 ** 0.5 <= s["m"]["c_up"] <= 30 ** 0.5 and s["m"]["shift_up"] == s["m"]["c_up"]  # y = c
-    assert 0.6 * 0.015 <= -s["m"]["c_down"] <= 0.015
-    assert 8.0 in calls and max(calls) <= 16.0  # doubled past the grid, within shift_reach x 4
+    assert 0.97 * 30 ** 0.5 <= s["m"]["c_up"] <= 30 ** 0.5 and s["m"]["shift_up"] == s["m"]["c_up"]  # y = c
+    assert 0.9 * 0.015 <= -s["m"]["c_down"] <= 0.015 * (1 + 1e-9)
+    assert len([c for c in calls if c > 0]) <= 4 and len([c for c in calls if c < 0]) <= 4
+    assert max(calls) <= 16.0  # within shift_reach x the grid's largest |c|
     search = [r for r in rep.rows if r.get("search")]
     assert search and all(r["method"] == "m" for r in search) and len(calls) == len(search)
     assert s["m"]["slope"] == pytest.approx(1.0) and s["m"]["r2"] == pytest.approx(1.0)  # grid rows only (|c| <= 2)
@@ -119,14 +120,17 @@ def _probe(tok):
     return load_probe("self_report", EvalConfig(max_items=3), tok)
 
 
-@pytest.mark.parametrize("kind", ["lora", "additive"])
-def test_batched_sweep_equals_the_coefficient_loop(tiny, kind):
+@pytest.mark.parametrize("kind,depth,prefix", [("lora", [0.0, 1.0], 0), ("additive", [0.0, 1.0], 0),
+                                                ("lora", [0.5, 1.0], 2), ("additive", [0.75, 1.0], 3)])
+def test_batched_sweep_equals_the_coefficient_loop(tiny, kind, depth, prefix):
+    """The batched sweep (every coefficient in one pass, the layers below the adapter computed once
+    per item) equals one pass per coefficient."""
     model, tok = tiny
-    model, adapter = attach_random(model, kind, std=0.3)
+    model, adapter = attach_random(model, kind, std=0.3, depth=depth)
     assert adapter.per_example
     probes, neutral = [_probe(tok)], ["A short neutral paragraph about rivers.", "Trees grow slowly."]
     m = evaluate.adapter_method(model, [-1.0, 0.0, 0.5, 2.0])
-    assert m.per_example
+    assert m.per_example and m.prefix == prefix  # follows the adapted layers
     looped = evaluate.Method(m.name, m.coeffs, m.context, per_example=False)
     y_b, mass_b, nll_b = evaluate.score_method(model, tok, m, probes, neutral, batch_size=2)
     y_l, mass_l, nll_l = evaluate.score_method(model, tok, looped, probes, neutral, batch_size=2)

@@ -119,3 +119,45 @@ def test_hooks_removed_after_exception(tiny, tokenizer):
             pass
     assert n_hooks(model) == 0
     assert torch.equal(logits(model, batch), base)
+
+
+@pytest.mark.parametrize("kind", ["lora", "additive"])
+def test_shared_prefix_equals_the_full_forward_and_runs_the_prefix_once_per_item(tiny, kind):
+    """Each item at three coefficients (item-major rows, left padding): layers below the adapter's
+    first layer run on one row per item, and the logits equal the unshared pass's (fp32)."""
+    from conftest import attach_random
+
+    from adapters.steer import steer
+
+    model, tok = tiny
+    model, adapter = attach_random(model, kind, std=0.3, depth=[0.5, 1.0])
+    first = hidden.first_layer(adapter.steered_modules())
+    assert first == 2  # the upper half of the 4-layer model
+    batch = make_batch(tok, 2)  # 4 rows of different lengths
+    ids, attn = (batch[k].repeat_interleave(3, 0) for k in ("input_ids", "attention_mask"))
+    c = torch.tensor([-1.0, 0.0, 2.0]).repeat(4)
+    seen = []
+    layers = hidden.decoder_layers(model)
+    handles = [layers[i].input_layernorm.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, a[0].shape[0])))
+               for i in (0, first - 1, first, 3)]
+    try:
+        with torch.no_grad(), steer(model, c):
+            full = model(input_ids=ids, attention_mask=attn).logits
+            seen.clear()
+            with hidden.shared_prefix(model, first, 3):
+                shared = model(input_ids=ids, attention_mask=attn).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [(0, 4), (first - 1, 4), (first, 12), (3, 12)]
+    assert torch.allclose(shared, full, atol=1e-5), (shared - full).abs().max()
+    with pytest.raises(ValueError, match="does not divide into runs of 5"):
+        with torch.no_grad(), hidden.shared_prefix(model, first, 5):
+            model(input_ids=ids, attention_mask=attn)
+    assert sum(len(m._forward_pre_hooks) for m in layers) == 0  # removed, also after the error
+
+
+def test_first_layer_follows_the_modules():
+    assert hidden.first_layer(["model.layers.7.mlp.down_proj", "model.layers.3.self_attn.o_proj"]) == 3
+    assert hidden.first_layer(["model.layers.2", "model.norm"]) == 0  # outside the layers: nothing shared
+    assert hidden.first_layer([]) == 0

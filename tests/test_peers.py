@@ -164,3 +164,36 @@ def test_missing_and_unknown_peers(monkeypatch, trained):
                                                   r"pip install -e '\.\[peers\]'"):
             peers.peer_method(name, model, tok, make_pairs(2), [1.0])
     assert issubclass(peers.PeerError, ValueError)
+
+
+def test_batched_steering_vectors_extraction_gives_its_batch_one_vector(trained):
+    """We run steering-vectors' extraction 32 texts at a time (its default is 1): every row is
+    read at its own last real token, so the vector is the same to fp32 rounding."""
+    model, tok, pairs = trained["model"], trained["tok"], make_pairs(5)
+    one = peers._train("steering_vectors", model, tok, pairs, sv_batch=1)[1]
+    batched = peers._train("steering_vectors", model, tok, pairs)[1]
+    assert peers.SV_BATCH > len(pairs) and one.keys() == batched.keys()
+    for k in one:
+        assert torch.allclose(one[k], batched[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_peer_vectors_are_cached_by_what_they_depend_on(trained, tmp_path, monkeypatch):
+    model, tok = trained["model"], trained["tok"]
+    first = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path)
+    assert len(list(tmp_path.glob("repeng-*.safetensors"))) == 1
+    calls = []
+    real = peers._train
+    monkeypatch.setattr(peers, "_train", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path)
+    assert calls == [] and again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    peers.peer_vectors("repeng", model, tok, make_pairs(4), cache=tmp_path)  # other pairs: trained again
+    peers.peer_vectors("repeng", model, tok, make_pairs(3), layers=[-1], cache=tmp_path)  # other layers
+    peers.peer_vectors("steering_vectors", model, tok, make_pairs(3), cache=tmp_path)  # other peer
+    assert calls == ["repeng", "repeng", "steering_vectors"]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    # a damaged cache file is trained again and replaced, not trusted
+    path = next(tmp_path.glob("steering_vectors-*.safetensors"))
+    path.write_bytes(b"not safetensors")
+    peers.peer_vectors("steering_vectors", model, tok, make_pairs(3), cache=tmp_path)
+    assert calls[-1] == "steering_vectors" and len(calls) == 4

@@ -46,6 +46,9 @@ class AdditiveAdapter(Adapter):
             if name in directions.vectors:
                 self.additive_vectors[_key(name)].copy_(directions.vectors[name][0] * directions.scale[name])
 
+    def steered_modules(self) -> list[str]:
+        return list(self.layers)
+
     def vector(self, name: str) -> torch.Tensor:
         return self.additive_vectors[_key(name)]
 

@@ -88,6 +88,10 @@ class Adapter(nn.Module, abc.ABC):
     def off(self) -> Iterator[None]:
         yield
 
+    def steered_modules(self) -> list[str]:
+        """The base model's modules whose computation the adapter changes."""
+        return list(self.targets)
+
     def _check_keys(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.state_tensors()
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
