@@ -151,8 +151,8 @@ def shared_prefix(model: nn.Module, first: int, group: int) -> Iterator[None]:
     0..first-1 once per run and copy the result to its rows before layer ``first``. Rows and
     padding must repeat exactly (``evaluate`` lays rows out item-major); the batch must divide
     by ``group``. Layer-wise the same maths on fewer rows: equal to fp32 rounding."""
-    layers = decoder_layers(model)
-    if first <= 0 or group <= 1 or first >= len(layers):
+    layers = decoder_layers(model) if first > 0 and group > 1 else None
+    if layers is None or first >= len(layers):
         yield
         return
     state = {}
