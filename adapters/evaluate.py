@@ -654,7 +654,7 @@ def log_wandb(report: Report, paths: dict, project: str, name: str, mode: str, f
     run.finish()
 
 
-def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer) -> list[Method]:
+def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer, log=print) -> list[Method]:
     """The configured baselines (eval.baselines), in table order."""
     ev, out = cfg.eval, []
     pca = pca_vectors(directions)
@@ -680,7 +680,8 @@ def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer) 
 
             from .models import cache_dir
 
-            out.append(peer_method(name, model, tokenizer, train_pairs, ev.coeffs, cache=cache_dir() / "peers"))
+            out.append(peer_method(name, model, tokenizer, train_pairs, ev.coeffs, cache=cache_dir() / "peers",
+                                   log=log))
     return out
 
 
@@ -690,7 +691,7 @@ def evaluate_run(model, tokenizer, directions, train_pairs, val_pairs, cfg, prob
     ev = cfg.eval
     probes = probes or [load_probe(k, ev, tokenizer) for k in ev.probes]
     methods = [adapter_method(model, ev.coeffs)] + baseline_methods(model, directions, train_pairs, val_pairs,
-                                                                    cfg, tokenizer)
+                                                                    cfg, tokenizer, log)
     report = run_sweep(model, tokenizer, methods, probes, ev, log)
     rows = held_out_separation(model, tokenizer, val_pairs, directions, cfg.data.max_length, methods[0],
                                batch_size=ev.batch_size)

@@ -48,6 +48,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -222,9 +223,13 @@ def peer_vectors(name: str, model, tokenizer, pairs: list[ContrastivePair], laye
             if log:
                 log(f"peer {name}: vector from the cache ({path.name})")
             return vectors
+    t0 = time.time()
     vectors = _train(name, model, tokenizer, pairs, layers)[1]
     if path is not None:
         save_tensors(path, vectors, {"peer": name})
+    if log:
+        log(f"peer {name}: trained on {len(pairs)} pairs [{time.time() - t0:.0f}s]"
+            + (f", cached as {path.name}" if path is not None else ""))
     return vectors
 
 

@@ -179,13 +179,15 @@ def test_batched_steering_vectors_extraction_gives_its_batch_one_vector(trained)
 
 def test_peer_vectors_are_cached_by_what_they_depend_on(trained, tmp_path, monkeypatch):
     model, tok = trained["model"], trained["tok"]
-    first = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path)
+    said = []
+    first = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path, log=said.append)
     assert len(list(tmp_path.glob("repeng-*.safetensors"))) == 1
+    assert said and said[-1].startswith("peer repeng: trained on 3 pairs")
     calls = []
     real = peers._train
     monkeypatch.setattr(peers, "_train", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    again = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path)
-    assert calls == [] and again.keys() == first.keys()
+    again = peers.peer_vectors("repeng", model, tok, make_pairs(3), cache=tmp_path, log=said.append)
+    assert calls == [] and again.keys() == first.keys() and said[-1].startswith("peer repeng: vector from the cache")
     assert all(torch.equal(again[k], first[k]) for k in first)
     peers.peer_vectors("repeng", model, tok, make_pairs(4), cache=tmp_path)  # other pairs: trained again
     peers.peer_vectors("repeng", model, tok, make_pairs(3), layers=[-1], cache=tmp_path)  # other layers
