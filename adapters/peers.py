@@ -25,8 +25,9 @@ their own application):
   ``read_token_index=-1``: the last non-padding token, mean aggregator: the mean pos-neg
   difference, not normalised) except the batch size: 32 texts per forward pass instead of 1
   (the library reads each row's last real token whatever the padding, so the vector is the
-  same to fp32 rounding; tests/test_peers.py checks it), 5x faster on a 2-core CPU. ``SteeringVector.apply(model, multiplier=c)`` adds
-  c·v to every decoder layer's output on every token (``min_token_index=0``).
+  same to fp32 rounding; tests/test_peers.py checks it).
+  ``SteeringVector.apply(model, multiplier=c)`` adds c·v to every decoder layer's output on
+  every token (``min_token_index=0``).
 
 Their coefficient scales differ from ours and from each other (a unit vector, a raw mean
 difference); the report's shift within a ΔNLL budget is what makes them comparable. Training
