@@ -31,14 +31,17 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--config", default=None, help="YAML file with the values that differ from the defaults")
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue the interrupted run in RUN_DIR (its config.yaml, directions, checkpoint)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="train into runs/<log.name> even though it holds a run: its files are deleted first")
     args, rest = ap.parse_known_args(argv)
 
-    from adapters.config import ConfigError, config_to_dict, dump_config, load_config, parse_overrides
+    from adapters.config import ConfigError, load_config, parse_overrides
 
     try:
         if args.resume:
-            if args.config or rest:
-                raise ConfigError("--resume continues a run with its own config.yaml; drop --config and overrides")
+            if args.config or rest or args.overwrite:
+                raise ConfigError("--resume continues a run with its own config.yaml; drop --config, --overwrite "
+                                  "and overrides")
             if not (Path(args.resume) / "config.yaml").is_file():
                 raise ConfigError(f"{args.resume} is not a run folder (no config.yaml) and cannot be resumed")
             cfg = load_config(Path(args.resume) / "config.yaml")
@@ -46,37 +49,58 @@ def main(argv: list[str] | None = None) -> Path:
             cfg = load_config(args.config, parse_overrides(rest))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(cfg.log.runs_dir) / (cfg.log.name or f"{cfg.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # data-parallel runs: Lightning starts ranks 1.. as copies of this command with LOCAL_RANK
+    # set; every rank prepares the same inputs, and only rank 0 writes (and locks) the run folder
+    rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0")) * cfg.train.devices
+    if rank:
+        return train(cfg, run_dir, rank, resume=bool(args.resume))
 
+    from adapters.checkpoint import interrupted
+    from adapters.run import RunError, RunLock, run_files
+
+    try:
+        with RunLock(run_dir):
+            if not args.resume and not args.overwrite:
+                if interrupted(run_dir):
+                    raise RunError(f"{run_dir} holds an interrupted run (its checkpoint/ folder); continue it with "
+                                   f"`python train.py --resume {run_dir}`, choose another log.name, or start "
+                                   "again with --overwrite")
+                if run_files(run_dir):
+                    raise RunError(f"{run_dir} already holds a run ({', '.join(p.name for p in run_files(run_dir))})"
+                                   f"; finish or re-evaluate it with `python train.py --resume {run_dir}`, choose "
+                                   "another log.name, or replace it with --overwrite (its files are deleted)")
+            return train(cfg, run_dir, rank, resume=bool(args.resume), overwrite=args.overwrite)
+    except RunError as e:
+        sys.exit(f"run folder error: {e}")
+
+
+def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bool = False) -> Path:
+    """The pipeline on a resolved config, into ``run_dir`` (which the caller has locked)."""
     import lightning as L
     import torch
 
     from adapters import data, directions as dirs, evaluate
-    from adapters.checkpoint import FOLDER as CKPT, CheckpointCallback, CheckpointError, ResumableSampler, load_checkpoint
+    from adapters.checkpoint import FOLDER as CKPT, CheckpointCallback, CheckpointError, ResumableSampler, interrupted, \
+        load_checkpoint
+    from adapters.config import config_to_dict, dump_config
     from adapters.hidden import layer_index
     from adapters.inputs import InputError, check_inputs, check_model_inputs
     from adapters.io import write_json
     from adapters.models import (BaseChecksum, ModelLoadError, base_fingerprint, enable_gradient_checkpointing,
                                  load_base)
     from adapters.module import ContrastiveModule
-    from adapters.run import save_adapter
+    from adapters.run import clear_run, save_adapter
     from adapters.tuners import attach
 
     torch.set_num_threads(cfg.train.threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    # data-parallel runs: Lightning starts ranks 1.. as copies of this command with LOCAL_RANK
-    # set; every rank prepares the same inputs, and only rank 0 writes the run folder
-    rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0")) * cfg.train.devices
     zero = rank == 0
+    name = run_dir.name
     t0 = time.time()
-    if args.resume:
-        run_dir = Path(args.resume)
-        name = run_dir.name
-    else:
-        name = cfg.log.name or f"{cfg.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.log.runs_dir) / name
-        if zero and (run_dir / CKPT).is_dir():
-            sys.exit(f"{run_dir} holds an interrupted run (its checkpoint/ folder); continue it with "
-                     f"`python train.py --resume {run_dir}`, or choose another log.name")
 
     # 1. every input file first, all problems at once, before any model is loaded
     try:
@@ -97,7 +121,11 @@ def main(argv: list[str] | None = None) -> Path:
         encoded, val_encoded = check_model_inputs(cfg, model, tok, train_pairs, val_pairs)
     except InputError as e:
         sys.exit(str(e))
-    if zero and not args.resume:  # only now is the run folder written (a bad input never touches it)
+    if zero and not resume:  # only now is the run folder written (a bad input never touches it)
+        if overwrite:
+            cleared = clear_run(run_dir)
+            if cleared:
+                print(f"--overwrite: deleted the old run's {', '.join(p.name for p in cleared)} in {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     print(f"run folder: {run_dir}")
@@ -105,7 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
           f"loaded; {len(train_pairs)} train / {len(val_pairs)} val pairs [{time.time() - t0:.0f}s]")
 
     # 3. reference directions, frozen, and the loss layers (a resumed run reuses its own)
-    reused = bool(args.resume and (run_dir / "directions.safetensors").is_file())
+    reused = bool(resume and (run_dir / "directions.safetensors").is_file())
     if reused:
         directions = dirs.Directions.load(run_dir, fingerprint)
     else:
@@ -141,9 +169,9 @@ def main(argv: list[str] | None = None) -> Path:
               "loss layers.")
     print(f"adapter {cfg.adapter.kind}: {n_train} trainable parameters [{time.time() - t0:.0f}s]")
     start, opt_state, base_cache = 0, None, None
-    if args.resume:
+    if resume:
         try:
-            if (run_dir / CKPT).is_dir():
+            if interrupted(run_dir):
                 start, opt_state, base_cache = load_checkpoint(run_dir, adapter, fingerprint)
                 base_cache = base_cache if reused else None  # projections on the old directions
             elif (run_dir / "adapter.safetensors").is_file():  # training had finished: evaluate

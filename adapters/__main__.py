@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                         "gguf: llama.cpp control vector (additive adapters)")
     e.add_argument("--out", required=True, help="output folder (merged, peft) or .gguf file")
     e.add_argument("--coeff", type=float, default=1.0, help="coefficient for merged / gguf (default 1)")
+    e.add_argument("--force", action="store_true",
+                   help="replace an earlier export at --out (never a run folder or files an export did not write)")
     c = sub.add_parser("compare", help="train several configs and compare them in one table")
     c.add_argument("--config", required=True, help="comparison config (e.g. configs/compare/kinds.yaml)")
     c.add_argument("--force", action="store_true", help="retrain runs that already finished")
@@ -119,20 +121,25 @@ def export_main(args) -> int:
     from .run import RunError, load_run
     from .steer import CoefficientError, check_coeff
 
+    from pathlib import Path
+
     try:
         check_coeff(args.coeff)
+        out = Path(args.out).expanduser().resolve()  # checked before the model loads
+        if out == Path(args.run).resolve() or out in Path(args.run).resolve().parents:
+            raise export.ExportError(f"--out {args.out} is the run folder {args.run} or holds it; export elsewhere")
+        out = export.check_destination(out, args.force, folder=args.format != "gguf")
         model, tok = load_run(args.run)
         fp = base_fingerprint(model)
         if args.format == "merged":
-            path = export.save_merged(model, tok, args.out, args.coeff, fingerprint=fp)
+            path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force)
         elif args.format == "peft":
             from .config import load_config
-            from pathlib import Path
 
             name = load_config(Path(args.run) / "config.yaml").model.name
-            path = export.save_peft(model, args.out, fingerprint=fp, base_name=name)
+            path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force)
         else:
-            path = export.save_control_vector(model, args.out, args.coeff)
+            path = export.save_control_vector(model, out, args.coeff, force=args.force)
     except (RunError, CoefficientError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

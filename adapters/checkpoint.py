@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_folder, load_tensors, read_json, recover_folder, save_tensors, write_json
 
 FOLDER = "checkpoint"
 
@@ -86,10 +86,17 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter, optimizer, fingerpr
     return dest
 
 
+def interrupted(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume (a checkpoint swap cut short by a kill is
+    finished first: the newest complete checkpoint is put in place)."""
+    return recover_folder(Path(run_dir) / FOLDER)
+
+
 def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int, dict, dict]:
     """Load the adapter tensors into ``adapter``; return (step, optimizer state_dict 'state',
     base-cache tensors)."""
     folder = Path(run_dir) / FOLDER
+    recover_folder(folder)
     if not (folder / "state.json").is_file():
         raise CheckpointError(f"{folder} holds no checkpoint (state.json missing): the run stopped before its "
                               "first checkpoint; start it again (train.checkpoint_every sets the interval)")
@@ -123,4 +130,5 @@ class CheckpointCallback(L.Callback):
                             pl_module.base_cache.state_tensors())
 
 
-__all__ = ["CheckpointCallback", "CheckpointError", "ResumableSampler", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointCallback", "CheckpointError", "ResumableSampler", "interrupted", "load_checkpoint",
+           "save_checkpoint"]

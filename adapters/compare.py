@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .checkpoint import interrupted
 from .config import ConfigError, load_config, overrides_from, read_yaml
 from .io import atomic_write_text, read_json, write_json
 
@@ -180,10 +181,11 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
         if (folder / "report.json").is_file() and (folder / "timing.json").is_file() and not force:
             log(f"[compare] {name}: finished run found, reused")
             continue
-        if (folder / "checkpoint").is_dir():  # interrupted mid-training: continue it
+        if interrupted(folder):  # interrupted mid-training: continue it
             cmd = [sys.executable, str(script), "--resume", str(folder)]
-        else:
-            cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name]
+        else:  # the folder is this comparison's own: a run of it that never finished is replaced
+            cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name,
+                   "--overwrite"]
             for k, v in spec["overrides"]:
                 cmd += [f"--{k}", v]
             if seed is not None:

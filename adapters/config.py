@@ -455,13 +455,17 @@ class EvalConfig:
 class LogConfig:
     runs_dir: str = "runs"
     name: str = ""
-    """Run folder name ('' = <kind>-<timestamp>)."""
+    """Run folder name ('' = <kind>-<timestamp>): one folder inside runs_dir."""
     wandb: str = "offline"
     """offline | online | disabled."""
     project: str = "contrastive-adapters"
 
     def __post_init__(self):
         _one_of("log.wandb", self.wandb, {"offline", "online", "disabled"})
+        _check(not self.name or ("/" not in self.name and "\\" not in self.name and self.name.strip(".")
+                                 and not self.name.startswith(".")),
+               f"log.name {self.name!r} must be a plain folder name (no '/', no '..', not hidden); "
+               "put the parent folder in log.runs_dir")
 
 
 @dataclass

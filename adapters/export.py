@@ -9,7 +9,10 @@
 * ``save_merged``: any kind merged into a full model at a chosen coefficient
   (``save_pretrained`` folder with the tokenizer), loadable by transformers alone.
 
-Every file is written to a temporary name and renamed, so a crash leaves no half export.
+Every file is written to a temporary name and renamed, so a crash leaves no half export. An
+export never deletes what it did not write: a destination that exists is refused unless
+``force``, and even then only an earlier export (every entry listed in its
+``contrastive_adapter.json``) or control vector is replaced, never a run folder or a user's files.
 """
 
 from __future__ import annotations
@@ -29,7 +32,53 @@ from .tuners.base import ATTR, attached_adapter
 from .tuners.peft_base import PeftAdapter
 
 class ExportError(ValueError):
-    """This adapter cannot be exported in the requested format."""
+    """This adapter cannot be exported in the requested format, or not to that destination."""
+
+
+MANIFEST = "contrastive_adapter.json"
+
+
+def check_destination(path: str | Path, force: bool = False, folder: bool = True) -> Path:
+    """``path`` resolved, if an export may write there; else ExportError saying why and what to do."""
+    path = Path(path).expanduser().resolve()
+    if path == Path.cwd() or path == Path(path.anchor):
+        raise ExportError(f"{path} is the current or root folder; export into a new folder (--out DIR)")
+    if not path.exists():
+        return path
+    what = "folder" if folder else ".gguf file"
+    if folder != path.is_dir():
+        raise ExportError(f"{path} is {'a file' if folder else 'a folder'}; --out must name a {what}")
+    if folder and not any(path.iterdir()):
+        return path
+    if not force:
+        raise ExportError(f"{path} already exists; choose a new {what}, or pass --force to replace an earlier "
+                          "export there")
+    if not folder:
+        try:
+            read_control_vector(path)
+        except Exception:
+            raise ExportError(f"{path} is not a control vector written by an export; --force replaces only "
+                              "those. Choose a new file") from None
+        return path
+    if (path / "config.yaml").is_file() and (path / "adapter.safetensors").is_file():
+        raise ExportError(f"{path} is a run folder; exporting there would destroy the run. Choose a new folder")
+    try:
+        from .io import read_json
+
+        ours = set(read_json(path / MANIFEST).get("files", []))
+    except (OSError, ValueError):
+        ours = set()
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    if foreign:
+        raise ExportError(f"{path} holds files that no export wrote ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); --force replaces only an earlier export. "
+                          "Choose a new folder")
+    return path
+
+
+def _write_manifest(tmp: Path, provenance: dict) -> None:
+    files = sorted({p.name for p in tmp.iterdir()} | {MANIFEST})
+    write_json(tmp / MANIFEST, {**provenance, "files": files})
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
@@ -59,20 +108,21 @@ def _provenance(adapter, fingerprint: str | None, **extra) -> dict:
 
 
 def save_merged(model: nn.Module, tokenizer, folder: str | Path, c: float = 1.0,
-                fingerprint: str | None = None) -> Path:
+                fingerprint: str | None = None, force: bool = False) -> Path:
     """``save_pretrained`` folder of the base model with the adapter merged at ``c``."""
     adapter = attached_adapter(model)
+    folder = check_destination(folder, force)
     merged = merged_model(model, c)
     with atomic_folder(folder) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "contrastive_adapter.json", _provenance(adapter, fingerprint, coefficient=float(c)))
-    return Path(folder)
+        _write_manifest(tmp, _provenance(adapter, fingerprint, coefficient=float(c)))
+    return folder
 
 
 def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = None,
-              base_name: str | None = None) -> Path:
+              base_name: str | None = None, force: bool = False) -> Path:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     adapter = attached_adapter(model)
     if not isinstance(adapter, PeftAdapter):
@@ -80,16 +130,16 @@ def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = No
         raise ExportError(f"a {adapter.kind!r} adapter is not a peft adapter (peft kinds: {', '.join(peft_kinds)}); "
                           "export it merged (save_merged / `export --format merged`)"
                           + (" or as a control vector (--format gguf)" if adapter.kind == "additive" else ""))
+    folder = check_destination(folder, force)
     with atomic_folder(folder) as tmp:
         if base_name is not None:
             model.peft_config["default"].base_model_name_or_path = base_name
         model.save_pretrained(tmp)
-        write_json(tmp / "contrastive_adapter.json",
-                   _provenance(adapter, fingerprint, coefficient_note=(
+        _write_manifest(tmp, _provenance(adapter, fingerprint, coefficient_note=(
                        "computes coefficient +1; for LoRA use peft.helpers.rescale_adapter_scale(model, c) "
                        "for coefficient c" if adapter.kind == "lora" else
                        "computes coefficient +1; peft cannot rescale this kind: merge at c instead")))
-    return Path(folder)
+    return folder
 
 
 def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]:
@@ -112,14 +162,14 @@ def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]
     return out
 
 
-def save_control_vector(model: nn.Module, path: str | Path, c: float = 1.0) -> Path:
+def save_control_vector(model: nn.Module, path: str | Path, c: float = 1.0, force: bool = False) -> Path:
     import gguf
 
     from .io import atomic_write_bytes
 
     vectors = control_vectors(model, float(check_coeff(c)))
     arch = getattr(hidden.base_model_of(model).config, "model_type", "llama")
-    path = Path(path)
+    path = check_destination(path, force, folder=False)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as td:
         tmp = Path(td) / "cv.gguf"
         writer = gguf.GGUFWriter(str(tmp), "controlvector")

@@ -25,6 +25,25 @@ def _publishable(path: str | Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in folder ``path`` durable (no-op where folders cannot be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -87,7 +107,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
         flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(flat, tmp, metadata={"meta": json.dumps({"format_version": FORMAT_VERSION, **meta})})
         _publishable(tmp)  # after save_file, which recreates the file
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -109,28 +131,69 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), meta
 
 
-@contextlib.contextmanager
-def atomic_folder(dest: str | Path):
-    """Yield a temporary folder next to ``dest``; on success it replaces ``dest`` in one rename
-    (an old ``dest`` is moved aside first and removed after), on failure it is deleted. A crash
-    at any point leaves either the old folder or the new one, never a half-written one.
-    One writer per ``dest``: temporary folders of an earlier, killed writer are removed."""
+COMPLETE = ".complete"
+"""Marker written last into a finished temporary folder: a swap cut short can be finished from it."""
+
+
+def recover_folder(dest: str | Path) -> bool:
+    """Finish a folder swap of ``atomic_folder`` that a kill interrupted, and remove its leftovers.
+
+    A kill between the swap's two renames leaves no ``dest`` but the old folder (``.dest.old``)
+    and the new, complete one (``.dest.tmp.*`` holding the ``.complete`` marker): the newest
+    complete folder becomes ``dest`` (else the old one). Temporary folders without the marker
+    are half-written and removed. Returns whether ``dest`` exists afterwards."""
     import shutil
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.tmp.*"):  # left by a writer that was killed
+    tmps = [p for p in dest.parent.glob(f".{dest.name}.tmp.*") if p.is_dir()]
+    old = dest.with_name(f".{dest.name}.old")
+    if not dest.exists():
+        done = sorted((p for p in tmps if (p / COMPLETE).is_file()), key=lambda p: p.stat().st_mtime)
+        if done:
+            os.rename(done[-1], dest)
+            tmps.remove(done[-1])
+        elif old.is_dir():
+            os.rename(old, dest)
+        fsync_dir(dest.parent)
+    if dest.is_dir():
+        (dest / COMPLETE).unlink(missing_ok=True)
+    for stale in tmps:
         shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest.exists()
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | Path):
+    """Yield a temporary folder next to ``dest``; on success it replaces ``dest`` (an old
+    ``dest`` is moved aside first and removed after), on failure it is deleted. A kill at any
+    point leaves the old folder or the new one, never a half-written one: between the two
+    renames both are complete, and ``recover_folder`` (run here first, and by readers such as
+    the checkpoint loader) puts the new one in place. One writer per ``dest``."""
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is a file, not a folder; give a folder path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp.", dir=dest.parent))
     _publishable(tmp, folder=True)
     try:
         yield tmp
+        (tmp / COMPLETE).write_bytes(b"")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = dest.with_name(f".{dest.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+    (dest / COMPLETE).unlink()
     shutil.rmtree(old, ignore_errors=True)

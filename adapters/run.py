@@ -4,8 +4,15 @@
       config.yaml                  resolved config (reloads to the same Config)
       directions.safetensors/.json reference directions, scales, stats, selected loss layers
       adapter.safetensors          adapter tensors; header: kind, adapter config, fingerprint
-      report.md/.csv/.json/.png    evaluation
+      completions.jsonl            the behaviour targets' completions
+      report.md/.csv/.json/.png    evaluation (report_rows.csv: one row per item), timing.json
+      eval/                        reports of `python -m adapters eval`
       wandb/                       the wandb run (offline by default: `wandb sync` it later)
+      checkpoint/                  while training (removed once adapter.safetensors is saved)
+
+A run folder belongs to one process at a time (``RunLock``), and a new run never writes into
+a folder that holds another run's files unless told to (``train.py --overwrite``, which
+clears them first: ``clear_run``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,89 @@ from .tuners import attach
 
 class RunError(ValueError):
     pass
+
+
+# everything train.py and `eval` write into a run folder; the adapter first, so that a kill while
+# clearing never leaves a folder that looks finished
+RUN_FILES = ("adapter.safetensors", "config.yaml", "directions.safetensors", "directions.json", "completions.jsonl",
+             "report.md", "report.csv", "report_rows.csv", "report.json", "report.png", "timing.json")
+RUN_FOLDERS = ("checkpoint", "eval", "wandb")
+
+
+def run_files(folder: str | Path) -> list[Path]:
+    """The run files (and folders) present in ``folder``, hidden checkpoint leftovers included."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    named = [folder / n for n in RUN_FILES + RUN_FOLDERS if (folder / n).exists()]
+    return named + sorted(p for p in folder.glob(".checkpoint.*"))
+
+
+def clear_run(folder: str | Path) -> list[Path]:
+    """Delete a run's own files from ``folder`` (the adapter first); anything else in it stays."""
+    import shutil
+
+    gone = run_files(folder)
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return gone
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a process (``with RunLock(folder):``).
+
+    The lock file sits beside the folder (``runs/.<name>.lock``, holding the owner's PID), so a
+    start that fails before writing anything leaves no run folder. A second process that asks
+    for the same folder fails at once with RunError; the lock dies with its process (flock)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder.with_name(f".{self.folder.name}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import os
+
+        if not self.folder.name or self.folder.name in (".", ".."):
+            raise RunError(f"{self.folder} cannot be a run folder; name it (log.name)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create the runs folder {self.path.parent}: {e.strerror} "
+                           "(log.runs_dir must be a writable folder)") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunError(f"cannot lock {self.folder} ({self.path}: {e.strerror}); "
+                               "log.runs_dir must be a writable folder") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunError(f"{self.folder} is in use by another process (pid {owner}, lock {self.path}); "
+                               "wait for it to finish, or choose another log.name") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the previous owner removed the file as we opened it: take the new one
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 def save_adapter(folder: str | Path, adapter, fingerprint: str) -> Path:

@@ -59,8 +59,10 @@ def test_save_merged_reloads_with_transformers_alone(tiny, tokenizer, batch, tmp
         want = logits(model, batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(logits(reloaded, batch)[real], want[real], rtol=1e-4, atol=1e-4)
-    # exporting again replaces the folder atomically
-    export.save_merged(model, tokenizer, folder, c=0.0)
+    # exporting again is refused without force, and with it replaces the earlier export atomically
+    with pytest.raises(export.ExportError, match="already exists"):
+        export.save_merged(model, tokenizer, folder, c=0.0)
+    export.save_merged(model, tokenizer, folder, c=0.0, force=True)
     assert json.loads((folder / "contrastive_adapter.json").read_text())["coefficient"] == 0.0
     assert not list(tmp_path.glob(".merged*"))
 

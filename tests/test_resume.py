@@ -31,6 +31,13 @@ if MODE == "step":  # a real SIGKILL right after optimiser step KILL_AT (between
         if pl_module.start_step + trainer.global_step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.CheckpointCallback.on_train_batch_end = hook
+elif MODE == "swap":  # SIGKILL between the two renames of a checkpoint's folder swap (the 2nd checkpoint)
+    orig = os.rename
+    def rename(src, dst, *a, **k):
+        orig(src, dst, *a, **k)
+        if str(dst).endswith(".checkpoint.old"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename
 else:  # SIGKILL in the middle of writing the checkpoint of step KILL_AT
     orig = checkpoint.save_tensors
     def save(path, tensors, meta):
@@ -72,17 +79,22 @@ def adapter_of(run: Path) -> dict[str, torch.Tensor]:
     return load_tensors(run / "adapter.safetensors")[0]
 
 
-@pytest.mark.parametrize("kill_at, mode", [(10, "step"), (8, "checkpoint")])
+@pytest.mark.parametrize("kill_at, mode", [(10, "step"), (8, "checkpoint"), (8, "swap")])
 def test_sigkill_then_resume_reaches_the_uninterrupted_adapter(tiny_dir, tmp_path, reference, kill_at, mode, capsys):
     cfg_path = write_cfg(tiny_dir, tmp_path, "killed")
     proc = run_killed(cfg_path, kill_at, mode, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "runs" / "killed"
     assert not (run / "adapter.safetensors").exists()
-    state = yaml.safe_load((run / "checkpoint" / "state.json").read_text())
-    # killed after step 10: the checkpoint of step 8; killed while writing step 8's: step 4's is intact
-    start = 8 if mode == "step" else 4
-    assert state["step"] == start
+    # killed after step 10: the checkpoint of step 8; killed while writing step 8's: step 4's is
+    # intact; killed between the renames of step 8's swap: step 8's is complete, under a hidden name
+    start = {"step": 8, "checkpoint": 4, "swap": 8}[mode]
+    if mode == "swap":  # no checkpoint/, but the old (step 4) and the new (step 8) folder, both complete
+        assert not (run / "checkpoint").exists() and (run / ".checkpoint.old" / "state.json").is_file()
+        assert [p for p in run.iterdir() if p.name.startswith(".checkpoint.tmp.")]
+    else:
+        state = yaml.safe_load((run / "checkpoint" / "state.json").read_text())
+        assert state["step"] == start
     if mode == "checkpoint":  # the half-written checkpoint is a temporary folder, never checkpoint/
         assert [p for p in run.iterdir() if p.name.startswith(".checkpoint.tmp.")]
 

@@ -1,0 +1,161 @@
+"""Nothing a user saved is lost: exports never delete what they did not write, a run folder is
+never silently overwritten or shared by two processes, and an interrupted folder swap is
+recoverable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapters import __main__ as cli
+from adapters.io import COMPLETE, atomic_folder, recover_folder
+from adapters.run import RunLock
+from conftest import tiny_config
+from test_end_to_end import ROOT, load_train_module
+
+
+def write_cfg(tiny_dir, tmp_path, name: str = "safe") -> Path:
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
+    cfg["train"]["steps"] = 2
+    cfg["eval"]["enabled"] = False
+    cfg["log"]["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("safe")
+    return Path(load_train_module().main(["--config", str(write_cfg(tiny_dir, tmp))]))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def export(run_dir, out, *extra, fmt="merged") -> int:
+    return cli.main(["export", "--run", str(run_dir), "--format", fmt, "--out", str(out), *extra])
+
+
+def test_export_never_deletes_what_it_did_not_write(run, tmp_path, capsys, monkeypatch):
+    users = tmp_path / "mine"
+    (users / "sub").mkdir(parents=True)
+    (users / "notes.txt").write_text("keep me")
+    (users / "sub" / "data.csv").write_text("1,2")
+    before, run_before = snapshot(users), snapshot(run)
+
+    assert export(run, users) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert export(run, users, "--force") == 2  # --force replaces exports only
+    assert "no export wrote (notes.txt, sub)" in capsys.readouterr().err
+    assert export(run, run, "--force") == 2
+    assert "run folder" in capsys.readouterr().err
+    assert export(run, run.parent, "--force") == 2  # a folder holding the run
+    assert "run folder" in capsys.readouterr().err
+    afile = tmp_path / "model.bin"
+    afile.write_text("weights")
+    assert export(run, afile, "--force") == 2
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "mine" / "sub")
+    assert export(run, ".") == 2
+    assert "current or root folder" in capsys.readouterr().err
+    assert snapshot(users) == before and snapshot(run) == run_before and afile.read_text() == "weights"
+    assert not [p for p in tmp_path.rglob(".*")], "an export left a hidden folder or file behind"
+
+    # an earlier export is ours: refused without --force, replaced with it, and a file the user
+    # added to it afterwards makes it theirs again
+    out = tmp_path / "exported"
+    assert export(run, out) == 0
+    assert export(run, out, "--coeff", "-1") == 2
+    assert "--force" in capsys.readouterr().err
+    assert export(run, out, "--coeff", "-1", "--force") == 0
+    assert '"coefficient": -1.0' in (out / "contrastive_adapter.json").read_text()
+    (out / "my_eval.txt").write_text("mine")
+    assert export(run, out, "--force") == 2
+    assert (out / "my_eval.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_training_into_a_finished_run_is_refused_unless_overwrite(run, tiny_dir, capsys):
+    cfg_path = write_cfg(tiny_dir, run.parents[1])  # the same runs_dir and log.name as the fixture's
+    before = snapshot(run)
+    with pytest.raises(SystemExit, match="already holds a run .*--resume.*--overwrite"):
+        load_train_module().main(["--config", str(cfg_path)])
+    assert snapshot(run) == before
+
+    (run / "my_notes.txt").write_text("keep")
+    (run / "report.md").write_text("an old report of the old adapter")
+    out = Path(load_train_module().main(["--config", str(cfg_path), "--overwrite", "--train.steps", "1"]))
+    assert out == run and "--overwrite: deleted the old run's adapter.safetensors" in capsys.readouterr().out
+    assert (run / "my_notes.txt").read_text() == "keep"  # not ours: kept
+    assert not (run / "report.md").exists()  # the old report no longer describes a different adapter
+    assert (run / "adapter.safetensors").is_file()
+    assert "steps: 1" in (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit, match="drop --config, --overwrite"):
+        load_train_module().main(["--resume", str(run), "--overwrite"])
+
+
+def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_path):
+    cfg_path = write_cfg(tiny_dir, tmp_path, "busy")
+    folder = tmp_path / "runs" / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom adapters.run import RunLock\n"
+         "with RunLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(folder)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=f"in use by another process \\(pid {holder.pid}"):
+            load_train_module().main(["--config", str(cfg_path)])
+        assert not folder.exists()  # the refused start wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its process: the folder is free again
+    with RunLock(folder):
+        pass
+    assert not (tmp_path / "runs" / ".busy.lock").exists()
+
+
+def test_run_names_stay_inside_runs_dir(tmp_path):
+    for bad in ("../elsewhere", "/tmp/abs", "..", ".hidden"):
+        with pytest.raises(SystemExit, match="plain folder name"):
+            load_train_module().main(["--log.name", bad, "--log.runs_dir", str(tmp_path)])
+
+
+def test_a_runs_dir_that_is_a_file_is_a_clear_error(tiny_dir, tmp_path):
+    cfg_path = write_cfg(tiny_dir, tmp_path, "x")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="log.runs_dir must be a writable folder"):
+        load_train_module().main(["--config", str(cfg_path), "--log.runs_dir", str(tmp_path / "afile")])
+
+
+def test_recover_folder_finishes_a_swap_cut_short(tmp_path):
+    dest = tmp_path / "ckpt"
+    with atomic_folder(dest) as d:
+        (d / "v").write_text("1")
+    assert not (dest / COMPLETE).exists()  # the marker never stays in a finished folder
+    # a kill between the renames: the old folder aside, the new complete one under its temporary name
+    os.rename(dest, tmp_path / ".ckpt.old")
+    new = tmp_path / ".ckpt.tmp.abc"
+    new.mkdir()
+    (new / "v").write_text("2")
+    (new / COMPLETE).write_bytes(b"")
+    half = tmp_path / ".ckpt.tmp.def"  # a half-written one from another kill: no marker
+    half.mkdir()
+    assert recover_folder(dest)
+    assert (dest / "v").read_text() == "2" and not (dest / COMPLETE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # only the old folder: it is put back
+    os.rename(dest, tmp_path / ".ckpt.old")
+    assert recover_folder(dest) and (dest / "v").read_text() == "2"
+    # a file where a folder goes is refused, not moved aside
+    with pytest.raises(FileExistsError, match="is a file"):
+        with atomic_folder(tmp_path / "ckpt" / "v"):
+            pass
+    assert not recover_folder(tmp_path / "none")  # nothing to recover
