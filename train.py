@@ -92,7 +92,7 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
     from adapters.io import write_json
     from adapters.models import (BaseChecksum, ModelLoadError, base_fingerprint, enable_gradient_checkpointing,
                                  load_base)
-    from adapters.module import ContrastiveModule
+    from adapters.module import ContrastiveModule, TrainingError
     from adapters.run import clear_run, save_adapter
     from adapters.tuners import attach
 
@@ -218,7 +218,11 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
                         enable_model_summary=False, default_root_dir=str(run_dir), precision=cfg.train.precision)
     t_fit = time.time()
     if start < cfg.train.steps:
-        trainer.fit(system, train_loader, val_loader)
+        try:
+            trainer.fit(system, train_loader, val_loader)
+        except TrainingError as e:
+            sys.exit(f"training error: {e}. Nothing of this run's training was saved"
+                     + (" (its last checkpoint is kept)" if interrupted(run_dir) else ""))
     t_fit = time.time() - t_fit
     if not trainer.is_global_zero:  # the other ranks trained; rank 0 saves and evaluates, once
         return run_dir

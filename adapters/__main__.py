@@ -51,12 +51,50 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
     return out
 
 
+COEFF_FLAGS = ("--coeff", "--coeffs")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def join_numbers(argv: list[str]) -> list[str]:
+    """``--coeff -1 0 1 "prompt"`` -> ``--coeff=-1,0,1 "prompt"``: the numbers after a coefficient
+    flag (negative and exponent forms such as -1e3 included) are its values and the first other
+    word ends them, so a prompt after the flag is a prompt, and -1e300 is a number, not an option."""
+    out, i = [], 0
+    while i < len(argv):
+        word, i = argv[i], i + 1
+        if word in COEFF_FLAGS:
+            values = []
+            while i < len(argv) and _is_number(argv[i]):
+                values.append(argv[i])
+                i += 1
+            word = f"{word}={','.join(values)}"
+        out.append(word)
+    return out
+
+
+def number_list(text: str) -> list[float]:
+    if not text:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate at several coefficients, side by side")
     g.add_argument("--run", required=True, help="run folder (runs/<name>)")
-    g.add_argument("--coeff", type=float, nargs="+", default=[-1.0, 0.0, 1.0])
+    g.add_argument("--coeff", type=number_list, default=[-1.0, 0.0, 1.0], metavar="C [C ...]",
+                   help="coefficients, one column each (default -1 0 1)")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--system", default="", help="optional system prompt")
     g.add_argument("--width", type=int, default=None)
@@ -79,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="your own yes/no questions (.jsonl or .csv with fields question, honest: Yes|No); "
                         "evaluated as the yes_no probe instead of the built-in probes")
     v.add_argument("--probes", nargs="+", default=None, help="probe kinds (default: the run's eval.probes)")
-    v.add_argument("--coeffs", type=float, nargs="+", default=None, help="coefficients (default: the run's)")
+    v.add_argument("--coeffs", type=number_list, default=None, metavar="C [C ...]",
+                   help="coefficients (default: the run's)")
     v.add_argument("--baselines", nargs="*", default=None, help="baselines (default: the run's eval.baselines)")
     v.add_argument("--out", default=None, help="report folder (default: <run>/eval)")
     w = sub.add_parser("sweep", help="steering vectors over direction methods x layer types")
     w.add_argument("--config", required=True, help="sweep config (e.g. configs/sweep/layer_types.yaml)")
     w.add_argument("--force", action="store_true", help="recompute layer types already in <out>/parts")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(join_numbers(sys.argv[1:] if argv is None else list(argv)))
     if args.cmd == "sweep":
         from .sweep import main as sweep_main
 

@@ -346,7 +346,8 @@ class TrainConfig:
             _one_of("train.precision", self.precision, set(PRECISIONS))
         _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = off)")
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number")
+        _check(0 < self.lr <= 10 and math.isfinite(self.lr),
+               f"train.lr must be a positive number of at most 10 (got {self.lr:g}; typical: 1e-4 to 1e-2)")
         _check(self.val_every >= 1, "train.val_every must be >= 1")
         _check(self.warmup >= 0, "train.warmup must be >= 0")
         if self.strategy == "fsdp":

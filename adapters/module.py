@@ -35,6 +35,10 @@ from .steer import steer
 COEFFS = (1.0, -1.0)  # the two signs every step trains
 
 
+class TrainingError(RuntimeError):
+    """Training diverged (a non-finite loss or adapter weight); nothing of it is saved."""
+
+
 class BaseCache:
     """Per pair (by dataset index): the base model's suffix projections on each loss layer's
     reference, in units of s_l, and its suffix token NLL, each (2, S) for [pos; neg]. Kept on
@@ -281,6 +285,10 @@ class ContrastiveModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         terms = self.step_terms(batch)
+        if not torch.isfinite(terms["loss"].detach()):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+            raise TrainingError(f"the loss is not finite at step {self.start_step + self.global_step + 1} (terms: "
+                                f"{', '.join(bad)}); lower train.lr (now {self.train_cfg.lr:g}) or the loss weights")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False,
                       batch_size=batch["index"].numel())
         self.log("loss", terms["loss"].detach(), prog_bar=True, batch_size=batch["index"].numel())
@@ -307,6 +315,14 @@ class ContrastiveModule(L.LightningModule):
 
     def on_fit_end(self):
         self.checksum.verify(self.model, "fit end")
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # before any callback (the checkpoint) sees the new weights
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.adapter.trainable_parameters()):
+            raise TrainingError(f"the adapter's weights became non-finite at step "
+                                f"{self.start_step + self.global_step + 1}"
+                                f"; lower train.lr (now {self.train_cfg.lr:g})")
 
     def configure_optimizers(self):
         params = self.adapter.trainable_parameters()

@@ -23,7 +23,12 @@ from .tuners.base import attached_adapter
 
 
 class CoefficientError(ValueError):
-    """A coefficient that is not a finite number."""
+    """A coefficient that is not a finite number, or beyond MAX_COEFF."""
+
+
+MAX_COEFF = 1e3
+"""Coefficients are multiples of the trained unit (|c| <= a few); far beyond this the model's
+activations overflow, so a larger magnitude is a mistake (a typo, a unit confusion), refused."""
 
 
 def check_coeff(c):
@@ -35,9 +40,15 @@ def check_coeff(c):
                                    f"{tuple(c.shape)} {c.dtype}")
         if not torch.isfinite(c.detach()).all():
             raise CoefficientError(f"steering coefficient must be finite, got {c.detach().cpu().tolist()}")
+        if c.numel() and float(c.detach().abs().max()) > MAX_COEFF:
+            raise CoefficientError(f"steering coefficient {float(c.detach().abs().max()):g} is beyond "
+                                   f"±{MAX_COEFF:g}; coefficients are multiples of the trained unit (|c| of a few)")
         return c
     if not math.isfinite(float(c)):
         raise CoefficientError(f"steering coefficient must be finite, got {c!r}")
+    if abs(float(c)) > MAX_COEFF:
+        raise CoefficientError(f"steering coefficient {float(c):g} is beyond ±{MAX_COEFF:g}; coefficients are "
+                               "multiples of the trained unit (|c| of a few)")
     return float(c)
 
 

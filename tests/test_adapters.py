@@ -166,7 +166,7 @@ def test_steer_cannot_nest(tiny, batch, kind):
 @ALL_KINDS
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "1", True, False, None,
                                  torch.tensor(math.nan), torch.tensor([1.0, math.inf]),
-                                 torch.ones(2, 2)], ids=repr)
+                                 torch.ones(2, 2), 1e4, -1e300, torch.tensor([1.0, -2e3])], ids=repr)
 def test_bad_coefficients_raise(tiny, batch, kind, bad):
     model, _ = tiny
     model, adapter = attach_random(model, kind)

@@ -159,3 +159,27 @@ def test_recover_folder_finishes_a_swap_cut_short(tmp_path):
         with atomic_folder(tmp_path / "ckpt" / "v"):
             pass
     assert not recover_folder(tmp_path / "none")  # nothing to recover
+
+
+@pytest.mark.parametrize("where", ["loss", "weights"])
+def test_a_diverging_run_is_a_training_error_not_a_saved_run(tiny_dir, tmp_path, monkeypatch, where):
+    import lightning as L
+    import torch
+
+    extra = ["--loss.w_contrast", "1e38"]  # the loss overflows
+    if where == "weights":  # an optimiser step that leaves an inf in the adapter (as a huge lr would)
+        extra = ["--train.checkpoint_every", "1"]
+        step = L.LightningModule.optimizer_step
+
+        def poisoned(self, *a, **k):
+            step(self, *a, **k)
+            with torch.no_grad():
+                self.adapter.trainable_parameters()[0].view(-1)[0] = float("inf")
+
+        monkeypatch.setattr(L.LightningModule, "optimizer_step", poisoned)
+    cfg_path = write_cfg(tiny_dir, tmp_path, "diverge")
+    what = "the loss is not finite at step 1" if where == "loss" else "the adapter's weights became non-finite at step 1"
+    with pytest.raises(SystemExit, match=f"training error: {what}.*lower train.lr.*Nothing of this run's training"):
+        load_train_module().main(["--config", str(cfg_path), "--train.steps", "4", *extra])
+    run = tmp_path / "runs" / "diverge"
+    assert not (run / "adapter.safetensors").exists() and not (run / "checkpoint").exists()

@@ -109,6 +109,21 @@ def test_generate_cli_errors(tmp_path, lora_run, capsys):
     assert "not a finished run folder" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--run", str(run_dir), "--coeff", "nan"]) == 2
     assert "finite" in capsys.readouterr().err
+    assert cli.main(["generate", "--run", str(run_dir), "--coeff", "-1e300", "hi"]) == 2  # a number, too large
+    assert "beyond ±1000" in capsys.readouterr().err
+    assert cli.main(["export", "--run", str(run_dir), "--format", "merged", "--coeff", "-1e300",
+                     "--out", str(tmp_path / "m")]) == 2
+    assert "beyond ±1000" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_generate_cli_in_the_readme_form(lora_run, capsys):
+    """README: `python -m adapters generate --run runs/honesty --coeff -1 0 1 "prompt"` (the prompt
+    after the coefficients is a prompt, not a fourth coefficient)."""
+    run_dir, _ = lora_run
+    assert cli.main(["generate", "--run", str(run_dir), "--coeff", "-1", "0", "1", "Is honesty important?",
+                     "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert ">>> Is honesty important?" in out and "c = -1" in out and "c = +1" in out
 
 
 def test_train_config_error_exits_cleanly(tmp_path):
