@@ -175,9 +175,9 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
                 start, opt_state, base_cache = load_checkpoint(run_dir, adapter, fingerprint)
                 base_cache = base_cache if reused else None  # projections on the old directions
             elif (run_dir / "adapter.safetensors").is_file():  # training had finished: evaluate
-                from adapters.io import load_tensors
+                from adapters.run import read_adapter
 
-                adapter.load_state_tensors(load_tensors(run_dir / "adapter.safetensors")[0])
+                adapter.load_state_tensors(read_adapter(run_dir / "adapter.safetensors")[0])
                 start = cfg.train.steps
             else:
                 raise CheckpointError(f"{run_dir} has neither a checkpoint nor an adapter: it stopped before its "

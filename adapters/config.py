@@ -517,7 +517,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (inner,) = typing.get_args(tp)[:1]
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+                value = strict_yaml(value) if value.strip().startswith("[") else value.split(",")
             except yaml.YAMLError:
                 raise ConfigError(f"{where}: {value!r} is not a valid list; write [a, b] or a,b") from None
         if not isinstance(value, (list, tuple)):
@@ -625,7 +625,7 @@ def _set_path(data: dict, dotted: str, value: str) -> None:
     # only a whole section (`--train '{steps: 3}'`) is YAML
     if len(parts) == 1 and value.strip():
         try:
-            value = yaml.safe_load(value)
+            value = strict_yaml(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"override --{dotted}: not valid YAML ({str(e).splitlines()[0]})") from None
     node[parts[-1]] = value
@@ -651,13 +651,40 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load without aliases (``*name``: an alias bomb expands a small file into gigabytes,
+    and our configs never need one) and with duplicate keys an error instead of "last wins"."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed here; write the "
+                                              "value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {seen[key]})",
+                                                        key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml(text: str):
+    """``yaml.safe_load`` without aliases and with duplicate keys refused (``_StrictLoader``)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> dict:
     """A YAML file whose top level is a mapping (empty file: {}), or a ConfigError saying why not."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -115,20 +115,38 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
         raise
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error type: truncated, garbled or not safetensors at all
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e}); restore it or re-create it") from None
     try:
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError:
         raise ValueError(f"{path}: its header is damaged (the meta field is not JSON)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its header is damaged (the meta field is not a JSON object)")
     check_version(path, meta.get("format_version"))
-    return load_file(str(path)), meta
+    return tensors, meta
 
 
 COMPLETE = ".complete"

@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from .config import AdapterConfig, Config, load_config
-from .io import load_tensors, save_tensors
+from .io import load_tensors, save_tensors, tensors_digest
 from .models import BaseChecksum, base_fingerprint, load_base
 from .tuners import attach
 
@@ -115,19 +117,40 @@ class RunLock:
 
 def save_adapter(folder: str | Path, adapter, fingerprint: str) -> Path:
     path = Path(folder) / "adapter.safetensors"
-    meta = {"kind": adapter.kind, "adapter": dataclasses.asdict(adapter.cfg), "fingerprint": fingerprint}
-    save_tensors(path, adapter.state_tensors(), meta)
+    tensors = adapter.state_tensors()
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RunError(f"the adapter has non-finite values in {bad[:3]}; it is not saved")
+    meta = {"kind": adapter.kind, "adapter": dataclasses.asdict(adapter.cfg), "fingerprint": fingerprint,
+            "sha256": tensors_digest(tensors)}
+    save_tensors(path, tensors, meta)
     return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, meta) of a saved adapter, its content hash and finiteness checked."""
+    tensors, meta = load_tensors(path)
+    want = meta.get("sha256")
+    if want is not None and tensors_digest(tensors) != want:  # files from before the hash have none
+        raise RunError(f"{path} is damaged: its tensors do not match the content hash saved with them; "
+                       "restore the file or train the run again")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RunError(f"{path} holds non-finite values (in {', '.join(bad[:3])}); the file is damaged")
+    return tensors, meta
 
 
 def load_adapter(model, path: str | Path, directions=None):
     """Attach the adapter saved at ``path`` to ``model``; refuse a different base model."""
-    tensors, meta = load_tensors(path)
+    tensors, meta = read_adapter(path)
     have = base_fingerprint(model)
     if meta.get("fingerprint") != have:
         raise RunError(f"{path} was trained on a different base model (fingerprint {meta.get('fingerprint')}, "
                        f"this model {have}); load it onto the base model named in its run's config.yaml")
-    cfg = AdapterConfig(**meta["adapter"])
+    try:
+        cfg = AdapterConfig(**meta["adapter"])
+    except Exception as e:  # a header edited by hand: missing, unknown or invalid adapter settings
+        raise RunError(f"{path}: the adapter settings in its header are damaged ({e})") from None
     # the saved tensors replace whatever attach initialises, so loading never needs the
     # directions (init=directions used to make load_run fail for such additive adapters)
     model, adapter = attach(model, dataclasses.replace(cfg, init="zeros"), directions)

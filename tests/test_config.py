@@ -159,3 +159,19 @@ def test_every_problem_is_reported_at_once():
     for part in ["did you mean 'steps'", "train.lr: expected a number", "adapter.kind='lorra'",
                  "adapter.block_size must be >= 2", "eval.coeffs must contain 0", "unknown config key 'bogus'"]:
         assert part in msg, part
+
+
+def test_yaml_aliases_and_duplicate_keys_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"  # 9^8 elements if expanded; refused before any expansion
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefg", "bcdefgh")]
+    bomb.write_text("\n".join(lines) + "\ndata:\n  candidates: *h\n")
+    with pytest.raises(ConfigError, match="aliases") as e:
+        load_config(bomb)
+    assert len(str(e.value)) < 1000
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  steps: 3\n  lr: 0.01\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'steps' \\(first on line 2\\)"):
+        load_config(dup)
+    with pytest.raises(ConfigError, match="not a valid list"):
+        load_config(None, [("eval.coeffs", "[&x 1, *x]")])

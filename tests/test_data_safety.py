@@ -183,3 +183,50 @@ def test_a_diverging_run_is_a_training_error_not_a_saved_run(tiny_dir, tmp_path,
         load_train_module().main(["--config", str(cfg_path), "--train.steps", "4", *extra])
     run = tmp_path / "runs" / "diverge"
     assert not (run / "adapter.safetensors").exists() and not (run / "checkpoint").exists()
+
+
+def test_a_damaged_adapter_is_a_clear_error(run, tmp_path, capsys):
+    import json
+    import shutil
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from adapters.io import load_tensors
+
+    def damaged(name: str, edit) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        edit(copy / "adapter.safetensors")
+        return copy
+
+    def flip_last_byte(p: Path):
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0x01
+        p.write_bytes(bytes(data))
+
+    def nan_without_hash(p: Path):  # NaN data in an otherwise well-formed file (no content hash)
+        tensors, meta = load_tensors(p)
+        meta.pop("sha256")
+        first = sorted(tensors)[0]
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, str(p), metadata={"meta": json.dumps(meta)})
+
+    def truncate(p: Path):
+        p.write_bytes(p.read_bytes()[:-100])
+
+    def bad_settings(p: Path):  # the header's adapter settings edited by hand (same length)
+        data = p.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = data[8:8 + n].replace(b'\\"alpha\\"', b'\\"alhpa\\"')
+        assert header != data[8:8 + n]
+        p.write_bytes(data[:8] + header + data[8 + n:])
+
+    for name, edit, message in [("flipped", flip_last_byte, "do not match the content hash"),
+                                ("nan", nan_without_hash, "non-finite values"),
+                                ("truncated", truncate, "damaged or not a safetensors file"),
+                                ("settings", bad_settings, "adapter settings in its header are damaged")]:
+        folder = damaged(name, edit)
+        assert cli.main(["generate", "--run", str(folder), "--max-new-tokens", "2", "hi"]) == 2, name
+        assert message in capsys.readouterr().err, name
