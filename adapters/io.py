@@ -215,3 +215,70 @@ def atomic_folder(dest: str | Path):
     fsync_dir(dest.parent)
     (dest / COMPLETE).unlink()
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- user tables
+
+TABLE_TYPES = (".jsonl", ".csv")
+
+
+class RowsError(ValueError):
+    """A user's .jsonl / .csv file that cannot be read as rows; the message names file:line."""
+
+
+def read_rows(path: str | Path, what: str = "file", columns: tuple[str, ...] = ()) -> list[tuple[str, dict, str]]:
+    """[(where, row, shown)] from a user's .jsonl or .csv file: where = 'file:line' for error
+    messages, shown = the raw line / row. A .csv (UTF-8, with or without a byte-order mark as
+    spreadsheet programs write it) must have every name in ``columns`` in its header; its empty
+    cells are left out of the row (an empty cell = a missing field). No rows is not an error
+    here: the caller says what an empty file means."""
+    import csv
+    import io as _io
+
+    path = Path(path)
+    kind = path.suffix.lower()
+    if path.is_dir():
+        raise RowsError(f"{what} {path} is a folder; give a .jsonl or .csv file")
+    if not path.is_file():
+        raise RowsError(f"{what} {path} does not exist")
+    if kind not in TABLE_TYPES:
+        raise RowsError(f"{what} {path}: unsupported file type {path.suffix or '(no extension)'!r}; use one of "
+                        f"{list(TABLE_TYPES)} (same field names in both)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RowsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    fields = f" with the fields {list(columns)}" if columns else ""
+    rows = []
+    if kind == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise RowsError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); each "
+                                f"line must be one JSON object{fields}") from None
+            if not isinstance(row, dict):
+                raise RowsError(f"{path}:{i}: expected a JSON object{fields}, got {line[:80]!r}")
+            rows.append((f"{path}:{i}", row, line))
+        return rows
+    reader = csv.DictReader(_io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames
+        if header is None:
+            raise RowsError(f"{path}: empty CSV file; the first line must be a header with the columns "
+                            f"{list(columns) or 'of your fields'}")
+        reader.fieldnames = header = [h.strip() for h in header]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise RowsError(f"{path}:1: the header has no {missing} column(s) (columns: {header}); "
+                            f"it needs {list(columns)}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise RowsError(f"{where}: more values than header columns {header}")
+            rows.append((where, {k: v for k, v in row.items() if v not in (None, "")}, str(row)))
+    except csv.Error as e:
+        raise RowsError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows

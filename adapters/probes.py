@@ -19,8 +19,6 @@ Optional kind (not in the default ``eval.probes``):
 from __future__ import annotations
 
 import ast
-import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,50 +54,14 @@ def _read_text(path: Path, what: str) -> str:
         raise ProbeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-FILE_TYPES = (".jsonl", ".csv")
-
-
 def _file_rows(path: Path, columns: tuple[str, ...], what: str = "probe file") -> list[tuple[str, dict, str]]:
-    """[(where, row, shown)] from a .jsonl or .csv file; where = 'file:line' for error messages,
-    shown = the raw line / row for them. A .csv must have every name in `columns` in its header;
-    its empty cells are left out of the row (an empty cell = a missing field)."""
-    suffix = path.suffix.lower()
-    if suffix not in FILE_TYPES:
-        raise ProbeError(f"{what} {path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                         f"use one of {list(FILE_TYPES)} (same field names in both)")
-    text = _read_text(path, what)
-    rows = []
-    if suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ProbeError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
-            if not isinstance(row, dict):
-                raise ProbeError(f"{path}:{i}: expected a JSON object with the fields {list(columns)}, "
-                                 f"got {line[:80]!r}")
-            rows.append((f"{path}:{i}", row, line))
-    else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            header = reader.fieldnames
-            if header is None:
-                raise ProbeError(f"{path}: empty CSV file; the first line must be a header with the columns "
-                                 f"{list(columns)}")
-            reader.fieldnames = header = [h.strip() for h in header]
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise ProbeError(f"{path}:1: the header has no {missing} column(s) (columns: {header}); "
-                                 f"this probe needs {list(columns)}")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in row:
-                    raise ProbeError(f"{where}: more values than header columns {header}")
-                rows.append((where, {k: v for k, v in row.items() if v not in (None, "")}, str(row)))
-        except csv.Error as e:
-            raise ProbeError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    """[(where, row, shown)] of a .jsonl or .csv probe file (``io.read_rows``); at least one row."""
+    from .io import RowsError, read_rows
+
+    try:
+        rows = read_rows(path, what, columns)
+    except RowsError as e:
+        raise ProbeError(str(e)) from None
     if not rows:
         raise ProbeError(f"{path}: no probe items")
     return rows

@@ -35,7 +35,7 @@ CASES = {
     "not utf-8": (lambda t: {"data": {"pairs": write(t, "p.csv", b"suffix\n\xff\xfe\n")}}, r"not UTF-8"),
     "identical members": (lambda t: {"data": {"pairs": write(
         t, "p.jsonl", json.dumps({"suffix": "Hi", "positive": "x", "negative": "x"}) + "\n")}}, r"identical"),
-    "missing column": (lambda t: {"data": {"pairs": write(t, "p.csv", "text\nhello\n")}}, r"no 'suffix' column"),
+    "missing column": (lambda t: {"data": {"pairs": write(t, "p.csv", "text\nhello\n")}}, r"no \['suffix'\] column"),
     "pair longer than max_length": (lambda t: {"data": {"max_length": 8}}, r"more than data.max_length=8"),
     "max_length beyond the context": (lambda t: {"data": {"max_length": 100000}}, r"exceeds the model's context of 512"),
     "unknown adapter kind": (lambda t: {"adapter": {"kind": "lorax"}}, r"adapter.kind='lorax' is not valid; choose one of \['additive', 'boft'"),
@@ -63,11 +63,12 @@ def test_bad_input_is_a_clear_early_error(case, tiny_dir, tmp_path):
     cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
     for section, values in make(tmp_path).items():
         cfg.setdefault(section, {}).update(values)
-    # a finished run of the same name: the failed attempt must leave it exactly as it was
+    # a finished run of the same name: the failed attempt must leave it exactly as it was, even
+    # with --overwrite (the old run's files are cleared only once every input has passed)
     run = tmp_path / "runs" / "tiny-lora"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("sentinel")
-    msg = run_train(cfg, tmp_path)
+    msg = run_train(cfg, tmp_path, "--overwrite")
     import re
 
     assert re.search(pattern, msg, re.S), msg
