@@ -38,6 +38,10 @@ def check_coeff(c):
         if c.dim() > 1 or not c.dtype.is_floating_point and c.dtype not in (torch.int32, torch.int64):
             raise CoefficientError(f"a tensor coefficient must be 0-d or 1-d (one per example), got shape "
                                    f"{tuple(c.shape)} {c.dtype}")
+        if c.numel() == 0:
+            raise CoefficientError("the coefficient tensor is empty; give one value, or one per batch row")
+        if not c.dtype.is_floating_point:
+            c = c.float()  # integer coefficients: the same numbers
         if not torch.isfinite(c.detach()).all():
             raise CoefficientError(f"steering coefficient must be finite, got {c.detach().cpu().tolist()}")
         if c.numel() and float(c.detach().abs().max()) > MAX_COEFF:
@@ -74,9 +78,20 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
                                    "one per example; loop over the coefficients (kinds with per-example "
                                    f"coefficients: {', '.join(batched)})")
     off = is_zero(c) and not (torch.is_tensor(c) and c.requires_grad)
+    rows = []
+    if torch.is_tensor(c) and c.dim() == 1 and not off:  # one value per row: the batch must have c.numel() rows
+        def check_rows(_mod, args, kwargs):
+            x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+            if torch.is_tensor(x) and x.shape[0] != c.numel():
+                raise CoefficientError(f"{c.numel()} per-example coefficients for a batch of {x.shape[0]} rows; "
+                                       "give one value per row, or one value for all")
+
+        rows.append(model.register_forward_pre_hook(check_rows, with_kwargs=True))
     adapter.active, adapter.coeff = True, None if off else c
     try:
         with adapter.off() if off else adapter.apply(c):
             yield model
     finally:
         adapter.active, adapter.coeff = False, None
+        for h in rows:
+            h.remove()

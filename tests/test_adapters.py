@@ -166,7 +166,7 @@ def test_steer_cannot_nest(tiny, batch, kind):
 @ALL_KINDS
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "1", True, False, None,
                                  torch.tensor(math.nan), torch.tensor([1.0, math.inf]),
-                                 torch.ones(2, 2), 1e4, -1e300, torch.tensor([1.0, -2e3])], ids=repr)
+                                 torch.ones(2, 2), 1e4, -1e300, torch.tensor([1.0, -2e3]), torch.tensor([])], ids=repr)
 def test_bad_coefficients_raise(tiny, batch, kind, bad):
     model, _ = tiny
     model, adapter = attach_random(model, kind)
@@ -236,6 +236,14 @@ def test_per_example_coefficients(tiny, batch, kind):
         with steer(model, c):
             ref = logits(model, batch)[i]
         torch.testing.assert_close(mixed[i], ref, rtol=1e-5, atol=1e-5, msg=f"row {i} (c={c})")
+    with steer(model, torch.tensor([int(c * 2) for c in cs])):  # integers: the same numbers
+        ints = logits(model, batch)
+    with steer(model, torch.tensor([float(int(c * 2)) for c in cs])):
+        torch.testing.assert_close(ints, logits(model, batch), rtol=0, atol=0)
+    if adapter.per_example:
+        with pytest.raises(CoefficientError, match=f"{len(cs) - 1} per-example coefficients for a batch of {len(cs)} "):
+            with steer(model, torch.tensor(cs[:-1])):
+                logits(model, batch)
 
 
 @ALL_KINDS
