@@ -88,6 +88,16 @@ def number_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--run", required=True, help="run folder (runs/<name>)")
     g.add_argument("--coeff", type=number_list, default=[-1.0, 0.0, 1.0], metavar="C [C ...]",
                    help="coefficients, one column each (default -1 0 1)")
-    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--max-new-tokens", type=positive_int, default=48)
     g.add_argument("--system", default="", help="optional system prompt")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("prompt", nargs="+")

@@ -40,6 +40,28 @@ def _check(cond: bool, msg: str) -> None:
         _report(ConfigError(msg))
 
 
+def _template(name: str, value, *fields: str) -> None:
+    """``value`` is a str.format template using exactly the placeholders ``fields`` (each at least once)."""
+    import string
+
+    if not isinstance(value, str):
+        return _check(False, f"{name} must be a string")
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        value.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return _check(False, f"{name} {value!r} is not a valid template ({type(e).__name__}: {e}); it may use only "
+                             f"{', '.join('{' + f + '}' for f in fields)} (write a literal brace as {{{{ or }}}})")
+    missing = [f for f in fields if f not in used]
+    _check(not missing, f"{name} must contain {', '.join(repr('{' + f + '}') for f in missing)}")
+
+
+def _at_least(section: str, obj, minimum: int, *names: str) -> None:
+    bad = [f"{section}.{n}={getattr(obj, n)!r}" for n in names
+           if not (isinstance(getattr(obj, n), int) and getattr(obj, n) >= minimum)]
+    _check(not bad, f"{', '.join(bad)}: must be a whole number >= {minimum}")
+
+
 def _one_of(name: str, value: str, valid) -> None:
     _check(value in valid, f"{name}={value!r} is not valid; choose one of {sorted(valid)}")
 
@@ -91,7 +113,7 @@ class DataConfig:
     """Longest tokenised pair allowed, in tokens."""
 
     def __post_init__(self):
-        _check("{persona}" in self.template, "data.template must contain '{persona}'")
+        _template("data.template", self.template, "persona")
         _check(self.positive != self.negative, "data.positive and data.negative must differ")
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)")
         _check(self.max_pairs >= 0, "data.max_pairs must be >= 0 (0 = all)")
@@ -134,6 +156,8 @@ class DirectionsConfig:
         _check(self.components >= 1, "directions.components must be >= 1")
         _check(self.n_layers >= 1 and self.every >= 1 and self.last_k >= 1,
                "directions.n_layers, every and last_k must be >= 1")
+        _at_least("directions", self, 1, "batch_size")
+        _at_least("directions", self, 0, "max_pairs")
         _check(self.select != "explicit" or self.explicit,
                "directions.select=explicit needs directions.explicit (a list of module names)")
 
@@ -293,7 +317,7 @@ class BehaviourConfig:
 
     def __post_init__(self):
         _one_of("behaviour.persona", self.persona, {"user", "system"})
-        _check("{persona}" in self.system_template, "behaviour.system_template must contain '{persona}'")
+        _template("behaviour.system_template", self.system_template, "persona")
         _check(self.max_new_tokens >= 1 and self.support >= 1 and self.batch_size >= 1 and self.gen_batch_size >= 1,
                "behaviour.max_new_tokens, support, batch_size and gen_batch_size must be >= 1")
         _check(self.openings >= 0 and self.max_prompts >= 0 and self.neutral_batch >= 0,
@@ -359,6 +383,8 @@ class TrainConfig:
         else:
             _one_of("train.strategy", self.strategy, {"auto", "ddp"})
         _check(self.devices >= 1, "train.devices must be >= 1")
+        _at_least("train", self, 1, "threads")
+        _at_least("train", self, 0, "val_batches")
         _check(self.strategy != "auto" or self.devices == 1,
                "train.devices > 1 needs train.strategy=ddp (auto runs one process)")
         _check(self.batch_size % self.devices == 0,
@@ -442,7 +468,9 @@ class EvalConfig:
         for b in self.baselines:
             _one_of("eval.baselines entry", b, {"pca_vector", "mean_diff", "random", "prompting", "base", "repeng",
                                                 "steering_vectors"})
-        _check("{persona}" in self.prompt_template, "eval.prompt_template must contain '{persona}'")
+        _template("eval.prompt_template", self.prompt_template, "persona")
+        _at_least("eval", self, 1, "batch_size", "neutral_items", "n_boot")
+        _at_least("eval", self, 0, "max_items")
         _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
         _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
         _check(self.fit_range > 0 and self.shift_budget > 0, "eval.fit_range and eval.shift_budget must be > 0")

@@ -19,11 +19,39 @@ def _raise_if(problems: list[str]) -> None:
         raise InputError(f"input errors ({len(problems)}):\n  - " + "\n  - ".join(problems))
 
 
+def device_problems(cfg) -> list[str]:
+    """model.device and train.accelerator against what this machine has."""
+    import torch
+
+    problems, cuda = [], torch.cuda.is_available()
+    dev = cfg.model.device
+    if dev.startswith("cuda"):
+        index = int(dev.split(":")[1]) if ":" in dev else 0
+        if not cuda:
+            problems.append(f"model.device={dev!r}, but this machine has no CUDA GPU (torch sees none); use "
+                            "auto or cpu")
+        elif index >= torch.cuda.device_count():
+            problems.append(f"model.device={dev!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    acc = cfg.train.accelerator
+    if acc in ("gpu", "cuda") and not cuda:
+        problems.append(f"train.accelerator={acc!r}, but this machine has no CUDA GPU; use auto or cpu")
+    elif acc == "mps" and not torch.backends.mps.is_available():
+        problems.append("train.accelerator='mps', but MPS is not available here; use auto or cpu")
+    elif acc not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        problems.append(f"train.accelerator={acc!r} is not valid; choose one of auto, cpu, gpu, cuda, mps")
+    if cfg.train.devices > 1 and acc in ("gpu", "cuda", "auto") and cuda and cfg.train.devices > torch.cuda.device_count():
+        problems.append(f"train.devices={cfg.train.devices}, but this machine has {torch.cuda.device_count()} "
+                        "CUDA device(s)")
+    return problems
+
+
 def check_inputs(cfg):
-    """Pairs, probe and neutral-text files: (train, val) pairs, or InputError listing every problem."""
+    """Pairs, probe and neutral-text files, and the devices: (train, val) pairs, or InputError
+    listing every problem."""
     from . import data, probes
 
-    problems, split = [], ([], [])
+    problems, split = device_problems(cfg), ([], [])
     try:
         pairs = data.load_pairs(cfg.data)
         split = data.split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
@@ -66,7 +94,10 @@ def check_model_inputs(cfg, model, tok, train_pairs, val_pairs):
 
     problems, encoded = [], ([], [])
     for what, patterns, depth in (("directions.candidates", cfg.directions.candidates, cfg.directions.depth),
+                                  ("directions.explicit", cfg.directions.explicit, (0.0, 1.0)),
                                   ("adapter.layers", cfg.adapter.layers, cfg.adapter.depth)):
+        if not patterns:
+            continue
         try:
             hidden.resolve(model, patterns, depth)
         except hidden.LayerError as e:

@@ -114,6 +114,9 @@ def test_generate_cli_errors(tmp_path, lora_run, capsys):
     assert cli.main(["export", "--run", str(run_dir), "--format", "merged", "--coeff", "-1e300",
                      "--out", str(tmp_path / "m")]) == 2
     assert "beyond ±1000" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--run", str(run_dir), "--max-new-tokens", "-5", "hi"])
+    assert e.value.code == 2 and "must be at least 1, got -5" in capsys.readouterr().err
 
 
 def test_generate_cli_in_the_readme_form(lora_run, capsys):
