@@ -85,7 +85,7 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
 
     from adapters import data, directions as dirs, evaluate
     from adapters.checkpoint import FOLDER as CKPT, CheckpointCallback, CheckpointError, ResumableSampler, interrupted, \
-        load_checkpoint
+        load_checkpoint, save_checkpoint
     from adapters.config import config_to_dict, dump_config
     from adapters.hidden import layer_index
     from adapters.inputs import InputError, check_inputs, check_model_inputs
@@ -218,11 +218,21 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
                         enable_model_summary=False, default_root_dir=str(run_dir), precision=cfg.train.precision)
     t_fit = time.time()
     if start < cfg.train.steps:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         try:
             trainer.fit(system, train_loader, val_loader)
         except TrainingError as e:
             sys.exit(f"training error: {e}. Nothing of this run's training was saved"
                      + (" (its last checkpoint is kept)" if interrupted(run_dir) else ""))
+        except SIGTERMException:  # Lightning stops after the step in flight; keep it, and say we stopped
+            step = start + trainer.global_step
+            if zero and 0 < step:
+                save_checkpoint(run_dir, step, adapter, trainer.optimizers[0], fingerprint, cfg.train.seed,
+                                system.base_cache.state_tensors())
+            print(f"stopped by SIGTERM after step {step} of {cfg.train.steps}; checkpoint kept: continue with "
+                  f"`python train.py --resume {run_dir}`", file=sys.stderr)
+            sys.exit(143)
     t_fit = time.time() - t_fit
     if not trainer.is_global_zero:  # the other ranks trained; rank 0 saves and evaluates, once
         return run_dir

@@ -24,12 +24,12 @@ KILLER = """
 import os, runpy, signal, sys
 from adapters import checkpoint, io
 KILL_AT, MODE = int(sys.argv[1]), sys.argv[2]
-if MODE == "step":  # a real SIGKILL right after optimiser step KILL_AT (between checkpoints)
+if MODE in ("step", "term"):  # a real SIGKILL (or SIGTERM) right after optimiser step KILL_AT
     orig = checkpoint.CheckpointCallback.on_train_batch_end
     def hook(self, trainer, pl_module, *a):
         orig(self, trainer, pl_module, *a)
         if pl_module.start_step + trainer.global_step == KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if MODE == "step" else signal.SIGTERM)
     checkpoint.CheckpointCallback.on_train_batch_end = hook
 elif MODE == "swap":  # SIGKILL between the two renames of a checkpoint's folder swap (the 2nd checkpoint)
     orig = os.rename
@@ -79,16 +79,19 @@ def adapter_of(run: Path) -> dict[str, torch.Tensor]:
     return load_tensors(run / "adapter.safetensors")[0]
 
 
-@pytest.mark.parametrize("kill_at, mode", [(10, "step"), (8, "checkpoint"), (8, "swap")])
+@pytest.mark.parametrize("kill_at, mode", [(10, "step"), (8, "checkpoint"), (8, "swap"), (6, "term")])
 def test_sigkill_then_resume_reaches_the_uninterrupted_adapter(tiny_dir, tmp_path, reference, kill_at, mode, capsys):
     cfg_path = write_cfg(tiny_dir, tmp_path, "killed")
     proc = run_killed(cfg_path, kill_at, mode, tmp_path)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    if mode == "term":  # SIGTERM: the step in flight finishes, is checkpointed, and the exit says so
+        assert proc.returncode == 143 and "stopped by SIGTERM after step 6" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "runs" / "killed"
     assert not (run / "adapter.safetensors").exists()
     # killed after step 10: the checkpoint of step 8; killed while writing step 8's: step 4's is
     # intact; killed between the renames of step 8's swap: step 8's is complete, under a hidden name
-    start = {"step": 8, "checkpoint": 4, "swap": 8}[mode]
+    start = {"step": 8, "checkpoint": 4, "swap": 8, "term": 6}[mode]
     if mode == "swap":  # no checkpoint/, but the old (step 4) and the new (step 8) folder, both complete
         assert not (run / "checkpoint").exists() and (run / ".checkpoint.old" / "state.json").is_file()
         assert [p for p in run.iterdir() if p.name.startswith(".checkpoint.tmp.")]
