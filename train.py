@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> Path:
             return train(cfg, run_dir, rank, resume=bool(args.resume), overwrite=args.overwrite)
     except RunError as e:
         sys.exit(f"run folder error: {e}")
+    except OSError as e:  # a full disk, a folder made read-only, ...: say so, and what survived
+        from adapters.checkpoint import interrupted
+
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        kept = (f"; the last complete checkpoint is kept: continue with `python train.py --resume {run_dir}` once "
+                "there is room") if interrupted(run_dir) else ""
+        sys.exit(f"file system error: {e.strerror or e}{where}{kept}")
 
 
 def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bool = False) -> Path:

@@ -230,3 +230,26 @@ def test_a_damaged_adapter_is_a_clear_error(run, tmp_path, capsys):
         folder = damaged(name, edit)
         assert cli.main(["generate", "--run", str(folder), "--max-new-tokens", "2", "hi"]) == 2, name
         assert message in capsys.readouterr().err, name
+
+
+def test_a_full_disk_mid_run_says_so_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from adapters import checkpoint
+
+    save = checkpoint.save_tensors
+
+    def full(path, tensors, meta):
+        if meta.get("step") == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save(path, tensors, meta)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", full)
+    cfg_path = write_cfg(tiny_dir, tmp_path, "full")
+    with pytest.raises(SystemExit, match=r"file system error: No space left on device \(.*adapter.safetensors\); "
+                                         r"the last complete checkpoint is kept"):
+        load_train_module().main(["--config", str(cfg_path), "--train.steps", "6", "--train.checkpoint_every", "2"])
+    run = tmp_path / "runs" / "full"
+    assert yaml.safe_load((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (run / "adapter.safetensors").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".checkpoint")]
