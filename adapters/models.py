@@ -82,10 +82,19 @@ def converted_gguf(path: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                                 "give a real .gguf, a model folder, a Hugging Face id or 'bundled'")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged GGUF: say so, not a deep traceback
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ModelLoadError(f"could not read the GGUF file {path} ({type(e).__name__}: {first}); it is "
+                                 "damaged or of an architecture transformers cannot load") from None
         model.hf_quantizer = None  # the weights are de-quantized; save them as plain tensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -209,6 +218,10 @@ def load_base(name: str = "bundled", dtype: str = "auto", device: str = "auto", 
             f"could not load model {name!r}: it is not a local folder or .gguf file, and the Hugging "
             f"Face hub is unreachable or does not have it{where}. Use model.name=bundled, a local "
             f"folder, or a .gguf path. ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a fake .gguf, truncated weights, a config transformers cannot read
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"could not load model {name!r}: its files are damaged or not a model transformers "
+                             f"can read ({type(e).__name__}: {first}); re-download or re-convert it") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tok) > rows:
         raise ModelLoadError(f"the tokenizer of {name!r} has {len(tok)} tokens but the model's embedding has "

@@ -49,6 +49,8 @@ CASES = {
                                           r"data.template 'Be \{persona\} \{x\}.' is not a valid template \(KeyError: 'x'\)"),
     "explicit loss layer the model lacks": (lambda t: {"directions": {"select": "explicit", "explicit": ["model.layers.99"]}},
                                             r"directions.explicit: layer pattern 'model.layers.99' matches no module"),
+    "a fake .gguf": (lambda t: {"model": {"name": write(t, "fake.gguf", "not a gguf at all")}},
+                     r"model error: .*fake.gguf is not a GGUF file"),
     "a device the machine lacks": (lambda t: {"model": {"device": "cuda:7"}}, r"model.device='cuda:7', but this machine has"),
     "NaN coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "nan"]}}, r"eval.coeffs\[2\]: 'nan' is not a finite number"),
     "non-numeric coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "one"]}}, r"eval.coeffs\[2\]: expected a number"),
