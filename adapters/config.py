@@ -136,7 +136,8 @@ class DirectionsConfig:
     """last | mean: hidden state of the last suffix token, or mean over the last `last_k`."""
     last_k: int = 4
     select: str = "top_k"
-    """top_k (by |correlation| on held-out pairs) | every_k | explicit."""
+    """top_k (by |correlation| on held-out pairs) | bands (the best by |correlation| in each of
+    n_layers contiguous depth bands) | every_k | explicit."""
     n_layers: int = 3
     every: int = 4
     explicit: list[str] = field(default_factory=list)
@@ -149,7 +150,7 @@ class DirectionsConfig:
 
         _one_of("directions.method", self.method, set(METHODS))
         _one_of("directions.token", self.token, {"last", "mean"})
-        _one_of("directions.select", self.select, {"top_k", "every_k", "explicit"})
+        _one_of("directions.select", self.select, {"top_k", "bands", "every_k", "explicit"})
         _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern")
         _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
                "directions.depth must be [start, end) with 0 <= start < end <= 1")

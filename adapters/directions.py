@@ -28,7 +28,8 @@ and raise for k > 1. Every component is flipped so that ``mean(D_l @ v) > 0``, a
 * on held-out pairs: separation = mean(D @ v) / s_l, val agreement, and the Pearson
   correlation between the projection h @ v and the label (pos = 1, neg = 0).
 
-Loss layers are then selected by |correlation| (top-k), every k-th, or an explicit list.
+Loss layers are then selected by |correlation| (top-k, or the best of each of k depth bands),
+every k-th, or an explicit list.
 
 ``fit_direction(D, method, k, grads, logp)`` is a pure function on tensors: ``grads`` is
 {"g_pos": (n, D), "g_neg": (n, D)} at one layer and ``logp`` is (lp_pos, lp_neg), each (n,),
@@ -289,6 +290,11 @@ def select_layers(stats: dict[str, dict], layers: list[str], how: str, n: int = 
     if how == "top_k":
         ranked = sorted(layers, key=lambda l: (-abs(stats[l]["corr"]), -stats[l]["val_agreement"]))
         chosen = ranked[:n]
+    elif how == "bands":  # the best layer in each of n contiguous, near-equal depth bands
+        order = sorted(layers, key=lambda l: (hidden.layer_index(l), l))
+        bounds = [round(i * len(order) / n) for i in range(n + 1)]
+        chosen = [max(order[a:b], key=lambda l: (abs(stats[l]["corr"]), stats[l]["val_agreement"]))
+                  for a, b in zip(bounds, bounds[1:]) if b > a]
     elif how == "every_k":
         chosen = layers[::-1][::every][::-1]
     elif how == "explicit":
@@ -297,7 +303,7 @@ def select_layers(stats: dict[str, dict], layers: list[str], how: str, n: int = 
             raise DirectionsError(f"explicit loss layers {unknown} are not candidate layers {layers}")
         chosen = list(explicit)
     else:
-        raise DirectionsError(f"unknown layer selection {how!r}; use top_k, every_k or explicit")
+        raise DirectionsError(f"unknown layer selection {how!r}; use top_k, bands, every_k or explicit")
     return sorted(chosen, key=lambda l: (hidden.layer_index(l), l))
 
 
