@@ -135,7 +135,7 @@ class DirectionsConfig:
     token: str = "last"
     """last | mean: hidden state of the last suffix token, or mean over the last `last_k`."""
     last_k: int = 4
-    select: str = "top_k"
+    select: str = "bands"
     """top_k (by |correlation| on held-out pairs) | bands (the best by |correlation| in each of
     n_layers contiguous depth bands) | every_k | explicit."""
     n_layers: int = 3

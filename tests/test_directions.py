@@ -347,6 +347,16 @@ def test_select_top_k_by_abs_correlation():
     assert select_layers(tie, LAYERS, "top_k", n=2) == ["model.layers.2", "model.layers.4"]
 
 
+def test_select_bands_takes_the_best_layer_of_each_depth_band():
+    # top_k would take the adjacent 1, 2, 3; bands split 0..7 into [0-2], [3-4], [5-7]
+    stats = _stats([0.1, 0.9, -0.95, 0.8, 0.3, 0.2, 0.0, -0.4])
+    assert select_layers(stats, LAYERS, "bands", n=3) == ["model.layers.2", "model.layers.3", "model.layers.7"]
+    assert select_layers(stats, LAYERS, "top_k", n=3) == ["model.layers.1", "model.layers.2", "model.layers.3"]
+    assert select_layers(stats, LAYERS, "bands", n=1) == ["model.layers.2"]
+    assert select_layers(stats, LAYERS, "bands", n=8) == LAYERS  # one layer per band
+    assert select_layers(stats, LAYERS[:2], "bands", n=3) == LAYERS[:2]  # fewer layers than bands
+
+
 def test_select_every_k_counts_from_the_last_layer():
     stats = _stats([0.0] * 8)
     assert select_layers(stats, LAYERS, "every_k", every=4) == ["model.layers.3", "model.layers.7"]
