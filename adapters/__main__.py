@@ -45,6 +45,10 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
     out = {}
     for c in coeffs:
         with steer(model, c), torch.no_grad():
+            first = model(**{k: v.to(device) for k, v in enc.items()}).logits[0, -1]
+            if not bool(torch.isfinite(first).all()):
+                raise ValueError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows "
+                                 "the activations there); use a smaller |c|")
             ids = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out[c] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -159,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt in args.prompt:
+        try:
+            texts = generate(model, tok, prompt, args.coeff, args.max_new_tokens, args.system)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"\n>>> {prompt}\n")
-        print(side_by_side(generate(model, tok, prompt, args.coeff, args.max_new_tokens, args.system), args.width))
+        print(side_by_side(texts, args.width))
     return 0
 
 

@@ -113,6 +113,12 @@ def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int
         _, idx, name = key.split(".", 2)
         opt_state.setdefault(int(idx), {})[name] = t
     cache = load_tensors(folder / "base_cache.safetensors")[0] if (folder / "base_cache.safetensors").is_file() else {}
+    for what, group in (("adapter", tensors), ("optimizer state", {f"{i}.{k}": t for i, st in opt_state.items()
+                                                                   for k, t in st.items()}), ("base cache", cache)):
+        bad = [k for k, t in group.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{folder}: its {what} holds non-finite values ({', '.join(bad[:3])}); the "
+                                  "checkpoint is damaged: start the run again with --overwrite")
     return int(state["step"]), opt_state, cache
 
 

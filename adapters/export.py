@@ -97,6 +97,10 @@ def merged_model(model: nn.Module, c: float = 1.0) -> nn.Module:
     out = plain_copy(model)
     if c != 0.0:
         adapter.merge_into(out, c)
+        bad = [n for n, p in out.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ExportError(f"merged at coefficient {c:+g} the weights are not finite ({', '.join(bad[:3])}); "
+                              "use a smaller |c|")
     return out
 
 

@@ -253,3 +253,21 @@ def test_a_full_disk_mid_run_says_so_and_keeps_the_last_checkpoint(tiny_dir, tmp
     assert yaml.safe_load((run / "checkpoint" / "state.json").read_text())["step"] == 2
     assert not (run / "adapter.safetensors").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_non_finite_outputs_name_their_coefficient(tiny, tokenizer):
+    import torch
+
+    from adapters import export as ex
+    from adapters.__main__ import generate
+    from conftest import attach_random
+
+    model, _ = tiny
+    model, adapter = attach_random(model, "lora")
+    with torch.no_grad():
+        adapter.trainable_parameters()[1].fill_(float("nan"))  # as an overflow inside the adapter would
+    assert set(generate(model, tokenizer, "hi", [0.0], max_new_tokens=2)) == {0.0}  # c = 0 is the base model
+    with pytest.raises(ValueError, match=r"at coefficient \+2 the model's outputs are not finite"):
+        generate(model, tokenizer, "hi", [0.0, 2.0], max_new_tokens=2)
+    with pytest.raises(ex.ExportError, match=r"merged at coefficient \+2 the weights are not finite"):
+        ex.merged_model(model, 2.0)
