@@ -704,7 +704,11 @@ class _StrictLoader(yaml.SafeLoader):
 
 def strict_yaml(text: str):
     """``yaml.safe_load`` without aliases and with duplicate keys refused (``_StrictLoader``)."""
-    return yaml.load(text, Loader=_StrictLoader)
+    loader = _StrictLoader(text)  # a SafeLoader: plain data only
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict:

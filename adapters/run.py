@@ -69,6 +69,7 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder.with_name(f".{self.folder.name}.lock")
         self.fd: int | None = None
+        self.made: list[Path] = []
 
     def __enter__(self) -> "RunLock":
         import fcntl
@@ -76,6 +77,7 @@ class RunLock:
 
         if not self.folder.name or self.folder.name in (".", ".."):
             raise RunError(f"{self.folder} cannot be a run folder; name it (log.name)")
+        self.made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -113,6 +115,11 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+            for folder in self.made:  # a start that wrote nothing leaves no runs folder behind
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (the run wrote into it) or gone: keep it
+                    break
 
 
 def save_adapter(folder: str | Path, adapter, fingerprint: str) -> Path:
