@@ -45,13 +45,13 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
     out = {}
     for c in coeffs:
         with steer(model, c), torch.no_grad():
-            first = model(**{k: v.to(device) for k, v in enc.items()}).logits[0, -1]
-            if not bool(torch.isfinite(first).all()):
-                raise ValueError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows "
-                                 "the activations there); use a smaller |c|")
-            ids = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out[c] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True)
+        if not all(bool(torch.isfinite(step).all()) for step in gen.logits):
+            raise ValueError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows the "
+                             "activations there); use a smaller |c|")
+        out[c] = tokenizer.decode(gen.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out
 
 
