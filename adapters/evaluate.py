@@ -267,10 +267,12 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
     """An additive steering vector (name -> (D,)), applied by an unbound AdditiveAdapter,
     with the model's own adapter off."""
     from .tuners import AdditiveAdapter
+    from .tuners.base import param_key
 
     dim = next(iter(vectors.values())).numel()
     vec = AdditiveAdapter(model, None, list(vectors), dim).to(next(model.parameters()).device)
-    vec.load_state_tensors({f"additive_vectors.{k}": v for k, v in zip(vec.additive_vectors, vectors.values())})
+    # by name: the ParameterDict orders its keys as text (layers.10 before layers.2), not as given
+    vec.load_state_tensors({f"additive_vectors.{param_key(k)}": v for k, v in vectors.items()})
 
     @contextlib.contextmanager
     def ctx(c):

@@ -256,3 +256,43 @@ def test_sweep_config_errors(tmp_path, capsys):
     assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err
     assert "unknown direction methods ['pca_dif']" in err and "pca_diff" in err
+
+
+def test_vector_method_puts_each_vector_at_its_own_layer_whatever_the_order():
+    """Steering vectors are matched to layers by name: a dict in layer order (layers.2 before
+    layers.10, as a peer returns it) and the same dict in text order (as read back from a
+    safetensors cache) steer identically, and each layer gets its own vector."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    names = [f"model.layers.{i}" for i in (2, 10, 11)]
+    vectors = {n: torch.randn(16) * (i + 1) for i, n in enumerate(names)}
+    text_order = dict(sorted(vectors.items()))
+    assert list(text_order) != list(vectors)
+    ids = torch.randint(0, 64, (2, 5))
+    outs = []
+    for vec in (vectors, text_order):
+        m = evaluate.vector_method(model, vec, [0.0, 1.0], "peer")
+        seen = {}
+
+        def record():  # registered after the steering hooks, so it sees their result
+            return [model.get_submodule(n).register_forward_hook(
+                lambda mod, inp, out, n=n: seen.__setitem__(n, (out[0] if isinstance(out, tuple) else out).clone()))
+                for n in names]
+
+        with torch.no_grad(), m.context(1.0):
+            hooks = record()
+            outs.append(model(ids).logits)
+        for h in hooks:
+            h.remove()
+        steered = dict(seen)
+        hooks = record()
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        for n in names[:1]:  # the first steered layer: its output moves by exactly its own vector
+            torch.testing.assert_close(steered[n] - seen[n], vectors[n].expand_as(seen[n]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
