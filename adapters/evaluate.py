@@ -264,8 +264,8 @@ def adapter_method(model, coeffs, name="adapter") -> Method:
 
 
 def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vector") -> Method:
-    """An additive steering vector (name -> (D,)), applied by an unbound AdditiveAdapter,
-    with the model's own adapter off."""
+    """An additive steering vector (name -> (D,)), added by the maths of an unbound
+    AdditiveAdapter (``edit``), with the model's own adapter off."""
     from .tuners import AdditiveAdapter
     from .tuners.base import param_key
 
@@ -275,8 +275,9 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
     vec.load_state_tensors({f"additive_vectors.{param_key(k)}": v for k, v in vectors.items()})
 
     @contextlib.contextmanager
-    def ctx(c):
-        with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext(), vec.apply(c):
+    def ctx(c):  # the vectors' hooks live only in the block (the model's own hooks belong to its adapter)
+        edits = {n: (lambda h, n=n: vec.edit(None, n, h, c)) for n in vec.layers}
+        with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext(), hidden.hooks(model, edits):
             yield
 
     return Method(name, list(coeffs), context=ctx, per_example=True, scalable=True,

@@ -84,7 +84,7 @@ def _write_manifest(tmp: Path, provenance: dict) -> None:
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the frozen base model with no adapter attached (peft layers unloaded)."""
     dup = copy.deepcopy(model)
-    for m in (dup, hidden.base_model_of(dup)):
+    for m in dup.modules():  # the copied steering hooks find no adapter: they do nothing
         m.__dict__.pop(ATTR, None)
     return dup.unload() if hasattr(dup, "get_base_model") else dup  # a PeftModel: base Linears back
 

@@ -125,6 +125,13 @@ def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor
             h.remove()
 
 
+def decoder_stack(model: nn.Module) -> nn.Module | None:
+    """The module that runs the decoder layers (``model`` under the transformers model), which
+    every forward pass calls as a module; None for an architecture laid out otherwise."""
+    inner = getattr(base_model_of(model), "model", None)
+    return inner if isinstance(getattr(inner, "layers", None), nn.ModuleList) else None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, in order (``model.layers.{N}`` under the transformers model)."""
     inner = getattr(base_model_of(model), "model", None)

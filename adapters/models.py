@@ -244,7 +244,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     the training step calls ``backward()`` after that block has exited, so a plain recompute
     would run the base model (LoRA: wrong gradients; swap kinds: ``CheckpointError``, see
     PEFT_NOTES.md §3). Here torch's ``context_fn`` reads the adapter's coefficient when the
-    layer runs forward and re-enters ``adapter.apply(c)`` around its recompute. Hooks on a
+    layer runs forward and re-enters ``adapter.scoped(c)`` around its recompute. Hooks on a
     decoder layer itself (additive vectors, recordings) stay outside the checkpoint (it wraps
     ``forward``, not ``__call__``)."""
     from .tuners.base import ATTR
@@ -260,15 +260,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _replay(adapter, c):
-    """The adapter at coefficient ``c`` (None: the base) for a checkpoint's recompute."""
-    if c is None or adapter.coeff is c:  # the base, or backward() inside the same steer block
+    """The adapter at coefficient ``c`` (None: the base) for a checkpoint's recompute, which
+    runs outside the forward hooks that steer a pass, so it takes the adapter's lock itself."""
+    if adapter is None:
         yield
         return
-    if adapter.coeff is not None:
-        raise RuntimeError(f"backward() ran inside steer(model, {adapter.coeff!r}) for a forward at c={c!r}: "
-                           "with gradient checkpointing, call backward() outside steer blocks or inside the "
-                           "one the forward ran in")
-    with adapter.apply(c):
+    with adapter.scoped(c):
         yield
 
 

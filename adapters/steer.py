@@ -3,8 +3,10 @@
     with steer(model, -1.0):
         model.generate(...)
 
-MUTATES the model's forward for the duration of the block (hooks / peft scaling) and always
-restores it on exit, also after an exception. ``c == 0`` runs exactly the base model.
+The coefficient belongs to the thread (``contextvars`` context) that entered the block: each
+forward pass of the model sets the adapter (hooks / peft scaling) for its own context's
+coefficient and restores it when the pass ends, also after an exception (see
+``tuners.base``). ``c == 0`` runs exactly the base model.
 ``c`` may be a float, a 0-d tensor (which may require grad) or, for per-example
 coefficients, a 1-d tensor with one value per batch row.
 """
@@ -19,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .tuners.base import attached_adapter
+from .tuners.base import Steering, attached_adapter
 
 
 class CoefficientError(ValueError):
@@ -66,7 +68,8 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
     adapter = attached_adapter(model)
     c = check_coeff(coeff)
     if adapter.active:
-        raise RuntimeError("steer() blocks cannot be nested; exit the outer block first")
+        raise RuntimeError("steer() blocks cannot be nested; exit the outer block first (each thread has "
+                           "its own steering: other threads may steer the same model at once)")
     if torch.is_tensor(c) and c.dim() == 1 and not adapter.per_example:
         if c.numel() and bool((c.detach() == c.detach()[0]).all()):
             c = c[0]  # one value for every row: the same function
@@ -78,20 +81,8 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
                                    "one per example; loop over the coefficients (kinds with per-example "
                                    f"coefficients: {', '.join(batched)})")
     off = is_zero(c) and not (torch.is_tensor(c) and c.requires_grad)
-    rows = []
-    if torch.is_tensor(c) and c.dim() == 1 and not off:  # one value per row: the batch must have c.numel() rows
-        def check_rows(_mod, args, kwargs):
-            x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-            if torch.is_tensor(x) and x.shape[0] != c.numel():
-                raise CoefficientError(f"{c.numel()} per-example coefficients for a batch of {x.shape[0]} rows; "
-                                       "give one value per row, or one value for all")
-
-        rows.append(model.register_forward_pre_hook(check_rows, with_kwargs=True))
-    adapter.active, adapter.coeff = True, None if off else c
+    token = adapter._steering.set(Steering(c, off))
     try:
-        with adapter.off() if off else adapter.apply(c):
-            yield model
+        yield model
     finally:
-        adapter.active, adapter.coeff = False, None
-        for h in rows:
-            h.remove()
+        adapter._steering.reset(token)

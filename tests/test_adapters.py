@@ -7,7 +7,9 @@ refuses a different base model.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from adapters.models import base_fingerprint, load_base
 from adapters.run import RunError, load_adapter, save_adapter
 from adapters.steer import CoefficientError, steer
 from adapters.tuners import KINDS, attach
+from adapters.tuners.base import ATTR
 from conftest import attach_random, logits, make_batch, tiny_adapter_cfg
 
 ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
@@ -69,9 +72,18 @@ def test_first_order_antisymmetry(tiny, batch, kind):
 def _additive_updates(model, adapter, batch, c):
     """Per adapted module: (output after the adapter's edit) - (output before it), at c."""
     layers = adapter.layers
-    # hooks run in registration order: `pre` is registered before steer's edit, `post` after
-    with hidden.record(model, layers) as pre, steer(model, c), hidden.record(model, layers) as post:
-        logits(model, batch)
+    pre, handles = {}, []
+    for n in layers:  # prepended: runs before the adapter's own hook (registered at attach)
+        def save(_mod, _inp, out, n=n):
+            pre[n] = hidden.output_tensor(out)
+
+        handles.append(hidden.get_module(model, n).register_forward_hook(save, prepend=True))
+    try:
+        with steer(model, c), hidden.record(model, layers) as post:  # a later recording sees the edit
+            logits(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
     return {n: post[n] - pre[n] for n in layers}
 
 
@@ -161,6 +173,45 @@ def test_steer_cannot_nest(tiny, batch, kind):
         ref = logits(model, batch)
     assert torch.equal(inner, ref)  # the failed inner block did not disturb the outer one
     assert adapter.active is False
+
+
+@ALL_KINDS
+def test_threads_steer_one_model_independently(tiny, batch, kind):
+    """steer is scoped to the thread that entered it: two threads whose blocks on one model
+    are open at the same time (opposite coefficients) each get their own single-thread
+    result, and a plain forward in a third thread meanwhile is the base model."""
+    model, _ = tiny
+    base = logits(model, batch)
+    model, adapter = attach_random(model, kind)
+    want = {None: base}
+    for c in (1.0, -1.0):
+        with steer(model, c):
+            want[c] = logits(model, batch)
+    together = threading.Barrier(3)
+    got, errors = {c: [] for c in want}, []
+
+    def run(c):
+        try:
+            with steer(model, c) if c is not None else contextlib.nullcontext():
+                together.wait(timeout=60)  # every block is open before any forward runs
+                for _ in range(4):
+                    got[c].append(logits(model, batch))
+        except BaseException as e:  # reported below: an assert in a thread would pass silently
+            errors.append(e)
+            together.abort()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for c, outs in got.items():
+        assert len(outs) == 4
+        for out in outs:
+            assert torch.equal(out, want[c]), f"c={c}: a thread saw another thread's coefficient"
+    assert adapter.active is False
+    assert torch.equal(logits(model, batch), base)
 
 
 @ALL_KINDS
@@ -315,6 +366,23 @@ def test_outside_steer_is_the_base_model(tiny, batch, kind):
     with steer(model, 1.0):
         pass
     assert torch.equal(logits(model, batch), base)
+
+
+@ALL_KINDS
+def test_detach_leaves_the_plain_base(tiny, batch, kind):
+    """After ``detach`` (and ``unload`` for a peft kind) no hook or reference of the adapter is
+    left: the model is the plain base, and steer finds no adapter on it."""
+    model, _ = tiny
+    base, hooks = logits(model, batch), n_hooks(model)
+    model, adapter = attach_random(model, kind)
+    adapter.detach()
+    plain = model.unload() if hasattr(model, "get_base_model") else model
+    assert n_hooks(plain) == hooks
+    assert not any(ATTR in m.__dict__ for m in plain.modules())
+    assert torch.equal(logits(plain, batch), base)
+    with pytest.raises(ValueError, match="no contrastive adapter"):
+        with steer(plain, 1.0):
+            pass
 
 
 @ALL_KINDS

@@ -31,7 +31,6 @@ from adapters.evaluate import held_out_separation
 from adapters.models import BaseChecksum, base_fingerprint
 from adapters.module import ContrastiveModule
 from adapters.tuners import attach
-from adapters.tuners.base import ATTR
 from conftest import REPRPO_LOSS
 
 pytestmark = pytest.mark.bundled
@@ -70,8 +69,8 @@ def train_and_measure(bundled, bundled_directions, loss_cfg: LossConfig) -> dict
         rows = held_out_separation(peft_model, tok, held_out, d, 96, coeffs=COEFFS)
         checksum.verify(peft_model, "after training on the bundled model")
     finally:  # the model is shared by the session: take the LoRA layers out again
+        adapter.detach()
         peft_model.unload()
-        model.__dict__.pop(ATTR, None)
     checksum.verify(model, "after unloading the LoRA")
     out = {(r["layer"], r["coeff"]): r for r in rows}
     print(f"\nheld-out projections, loss {loss_cfg}:")
@@ -165,8 +164,8 @@ def test_default_recipe_moves_self_report_both_ways(bundled, bundled_directions)
         y, _ = probe_scores(peft_model, tok, probe, list(COEFFS),
                             ctx=lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32)))
     finally:
+        adapter.detach()
         peft_model.unload()
-        model.__dict__.pop(ATTR, None)
     checksum.verify(model, "after unloading the LoRA")
     down, zero, up = (float(v) for v in y.mean(1))
     print(f"\nself-report y at c = -1 / 0 / +1: {down:+.2f} / {zero:+.2f} / {up:+.2f}")

@@ -7,7 +7,6 @@ control vector. Note that a vector added to both members of a pair cancels in
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ class AdditiveAdapter(Adapter):
                 raise ValueError("adapter.init=directions needs reference directions")
             adapter.init_from(directions)
         adapter.bind(model)
+        adapter.edit_modules(adapter.layers, "output")
         return model, adapter
 
     @torch.no_grad()
@@ -64,17 +64,10 @@ class AdditiveAdapter(Adapter):
             for n in self.layers:
                 self.vector(n).copy_(tensors[f"additive_vectors.{_key(n)}"])
 
-    @contextlib.contextmanager
-    def apply(self, c):
-        def add(name):
-            def fn(h):  # (B, T, D)
-                coeff = c.view(-1, *([1] * (h.dim() - 1))) if torch.is_tensor(c) and c.dim() == 1 else c
-                return h + (coeff * self.vector(name)).to(h.dtype)
-
-            return fn
-
-        with hidden.hooks(self.model, {n: add(n) for n in self.layers}):
-            yield
+    def edit(self, module: nn.Module, name: str, h: torch.Tensor, c) -> torch.Tensor:
+        """``h + c · w`` on the module's output (B, T, D)."""
+        coeff = c.view(-1, *([1] * (h.dim() - 1))) if torch.is_tensor(c) and c.dim() == 1 else c
+        return h + (coeff * self.vector(name)).to(h.dtype)
 
     @torch.no_grad()
     def merge_into(self, target, c):

@@ -18,7 +18,6 @@ gradients of u and v are non-zero and equal).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -58,6 +57,7 @@ class EtherAdapter(Adapter):
         param = next(model.parameters())
         adapter = cls(model, cfg, targets, dims).to(param.device)
         adapter.bind(model)
+        adapter.edit_modules(targets, "input" if cfg.side == "in" else "output")
         return model, adapter
 
     def trainable_parameters(self):
@@ -86,22 +86,12 @@ class EtherAdapter(Adapter):
             c = c.view(-1, *([1] * (yb.dim() - 1)))
         return y + (c * d).flatten(-2).to(y.dtype)
 
-    @contextlib.contextmanager
-    def apply(self, c):
-        side = self.cfg.side
-
-        def edit(name):
-            bias = hidden.get_module(self.model, name).bias
-
-            def fn(y):
-                if side == "out" and bias is not None:  # H(c)·(W x) + b
-                    return self.reflect(name, y - bias, c) + bias
-                return self.reflect(name, y, c)
-
-            return fn
-
-        with hidden.hooks(self.model, {t: edit(t) for t in self.targets}, on="input" if side == "in" else "output"):
-            yield
+    def edit(self, module: nn.Module, name: str, y: torch.Tensor, c) -> torch.Tensor:
+        """``H(c)`` on the module's input x, or on its output ``W x`` (the bias kept outside)."""
+        bias = module.bias
+        if self.cfg.side == "out" and bias is not None:  # H(c)·(W x) + b
+            return self.reflect(name, y - bias, c) + bias
+        return self.reflect(name, y, c)
 
     @torch.no_grad()
     def matrix(self, name: str, c: float) -> torch.Tensor:
