@@ -13,6 +13,9 @@ Two different identities of the base weights:
 * ``base_fingerprint``: a dtype-independent identity of *which* base model this is (config
   plus bf16-rounded samples of the embedding and norm weights). Saved with every adapter and
   directions file, so loading them onto a different base model is refused.
+* ``base_weights``: a digest of every base weight (bf16-rounded, so fp32 and bf16 loads of
+  one model agree). Saved with an adapter, so a base whose attention or MLP weights differ
+  (a fine-tune of the same model, with the same embeddings and norms) is refused too.
 """
 
 from __future__ import annotations
@@ -392,6 +395,42 @@ class BaseChecksum:
                 parts.append(f"missing: {', '.join(missing[:10])}")
             raise BaseModelChanged(f"the frozen base model was modified{at}; {'; '.join(parts)}. "
                                    "Something wrote to base weights: only adapter parameters may change.")
+
+
+def base_weights(model: nn.Module) -> dict:
+    """A digest of every base weight and buffer: ``{"precision": tag, "tensors": {name: hex}}``.
+
+    Float tensors are rounded to bf16 first, so an fp32 and a bf16 load of one checkpoint give
+    the same digest (tag ``"bf16"``). A bitsandbytes base digests its stored (quantized) bytes,
+    which depend on the quantization and the device it ran on: tag ``"<int8|uint8>@<device>"``;
+    digests are comparable only under the same tag. Names are the base model's own (peft's
+    wrapping removed); quantization scales that appear only after a forward are left out."""
+    from .tuners import is_adapter_name
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tags, out = set(), {}
+    for name, t in list(base.named_parameters()) + list(base.named_buffers()):
+        if is_adapter_name(name):
+            continue
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16)
+        else:
+            tags.add(f"{t.dtype}@{t.device.type}".removeprefix("torch."))
+        sums = tensor_checksum(t)
+        out[BaseChecksum._key(name)] = hashlib.sha256(
+            f"{tuple(t.shape)}|{sums[0]}|{sums[1]}".encode()).hexdigest()[:16]
+    return {"precision": "+".join(sorted(tags)) or "bf16", "tensors": dict(sorted(out.items()))}
+
+
+def weights_differ(saved: dict, have: dict) -> list[str] | None:
+    """Names of the base tensors whose digests differ between ``saved`` and ``have`` (both from
+    ``base_weights``; a tensor on one side only counts); None when their precisions differ, so
+    the digests cannot be compared."""
+    if saved.get("precision") != have["precision"]:
+        return None
+    a, b = saved.get("tensors", {}), have["tensors"]
+    return sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
 
 
 def base_fingerprint(model: nn.Module) -> str:

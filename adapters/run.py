@@ -3,7 +3,7 @@
     runs/<name>/
       config.yaml                  resolved config (reloads to the same Config)
       directions.safetensors/.json reference directions, scales, stats, selected loss layers
-      adapter.safetensors          adapter tensors; header: kind, adapter config, fingerprint
+      adapter.safetensors          adapter tensors; header: kind, adapter config, fingerprint, base-weight digests, content hash
       completions.jsonl            the behaviour targets' completions
       report.md/.csv/.json/.png    evaluation (report_rows.csv: one row per item), timing.json
       eval/                        reports of `python -m adapters eval`
@@ -24,7 +24,7 @@ import torch
 
 from .config import AdapterConfig, Config, load_config
 from .io import load_tensors, save_tensors, tensors_digest
-from .models import BaseChecksum, base_fingerprint, load_base
+from .models import BaseChecksum, base_fingerprint, base_weights, load_base, weights_differ
 from .tuners import attach
 
 
@@ -129,7 +129,7 @@ def save_adapter(folder: str | Path, adapter, fingerprint: str) -> Path:
     if bad:
         raise RunError(f"the adapter has non-finite values in {bad[:3]}; it is not saved")
     meta = {"kind": adapter.kind, "adapter": dataclasses.asdict(adapter.cfg), "fingerprint": fingerprint,
-            "sha256": tensors_digest(tensors)}
+            "base_weights": base_weights(adapter.model), "sha256": tensors_digest(tensors)}
     save_tensors(path, tensors, meta)
     return path
 
@@ -154,6 +154,13 @@ def load_adapter(model, path: str | Path, directions=None):
     if meta.get("fingerprint") != have:
         raise RunError(f"{path} was trained on a different base model (fingerprint {meta.get('fingerprint')}, "
                        f"this model {have}); load it onto the base model named in its run's config.yaml")
+    saved = meta.get("base_weights")  # files from before the full digest have none
+    differ = weights_differ(saved, base_weights(model)) if isinstance(saved, dict) else None
+    if differ:
+        raise RunError(f"{path} was trained on other base weights: {len(differ)} base tensors differ "
+                       f"({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}) though the model's "
+                       "config, embeddings and norms match (a fine-tune of the same model?); load it onto "
+                       "the exact base model named in its run's config.yaml")
     try:
         cfg = AdapterConfig(**meta["adapter"])
     except Exception as e:  # a header edited by hand: missing, unknown or invalid adapter settings

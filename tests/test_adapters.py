@@ -333,6 +333,27 @@ def test_load_onto_other_base_refused(tiny, other_tiny_dir, tmp_path, kind):
         load_adapter(other, path)
 
 
+@ALL_KINDS
+def test_load_onto_a_base_with_other_layer_weights_refused(tiny, tiny_dir, tmp_path, kind):
+    """A base with the same config, embeddings and norms (what the fingerprint samples) but one
+    changed attention or MLP weight, as a fine-tune of the same model would be, is refused; a
+    bf16 load of the very same base is accepted (the digest is dtype-independent)."""
+    model, _ = tiny
+    fp = base_fingerprint(model)
+    model, adapter = attach_random(model, kind)
+    path = save_adapter(tmp_path, adapter, fp)
+    for name in ("model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        tuned, _ = load_base(tiny_dir, dtype="float32", device="cpu")
+        with torch.no_grad():
+            tuned.get_parameter(name)[0, 0] += 0.5
+        assert base_fingerprint(tuned) == fp  # the sample fingerprint alone would let it through
+        with pytest.raises(RunError, match=f"other base weights: 1 base tensors differ \\({name}\\)"):
+            load_adapter(tuned, path)
+    same_bf16, _ = load_base(tiny_dir, dtype="bfloat16", device="cpu")
+    _, loaded = load_adapter(same_bf16, path)
+    assert loaded.kind == kind
+
+
 def test_additive_init_from_directions_saves_and_loads(tiny, tiny_dir, tiny_directions, batch, tmp_path):
     model, _ = tiny
     d = tiny_directions
