@@ -252,7 +252,11 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
     shutil.rmtree(run_dir / CKPT, ignore_errors=True)  # the saved adapter supersedes it
     t_eval = time.time()
     if cfg.eval.enabled:
-        report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg)
+        try:
+            report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg)
+        except evaluate.NonFiniteOutputs as e:
+            sys.exit(f"evaluation error: {e}. The adapter is saved in {run_dir}; evaluate it at other coefficients "
+                     f"with `python -m adapters eval --run {run_dir} --coeffs ...`")
         report.examples = bh.examples(run_dir)
         checksum.verify(model, "after evaluation")
         paths = evaluate.write_report(report, run_dir, title=f"Evaluation of {name}")

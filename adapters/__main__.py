@@ -235,7 +235,11 @@ def eval_main(args) -> int:
             FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
+    try:
+        report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
+    except evaluate.NonFiniteOutputs as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model.__dict__["_base_checksum"].verify(model, "after evaluation")
     out = Path(args.out) if args.out else run / "eval"
     title = f"Evaluation of {run.name}" + (f" on {args.questions}" if args.questions else "")

@@ -69,6 +69,10 @@ SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_valu
 # entered once per coefficient by the caller.
 
 
+class NonFiniteOutputs(ValueError):
+    """The model's outputs are not finite at some coefficient of the sweep."""
+
+
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
@@ -86,6 +90,10 @@ def _logits(model, seqs, pad_id, keep, ctx, coeffs):
     ids, attn = pad_left(seqs, pad_id)
     with ctx(coeffs) if ctx else contextlib.nullcontext():
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep).logits
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    if bool(bad.any()):
+        cs = sorted({float(c) for c, b in zip(coeffs, bad.tolist()) if b})
+        raise NonFiniteOutputs(f"the model's outputs are not finite at coefficient {', '.join(f'{c:+g}' for c in cs)}")
     return ids.to(device), logits
 
 
@@ -354,14 +362,18 @@ def score_method(model, tokenizer, m: Method, probes: list[Probe], neutral: list
 
 
 def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, base_nll: float, batch_size: int) -> float:
-    """Neutral-text ΔNLL of method ``m`` at one coefficient."""
-    if m.per_example:
-        device = next(model.parameters()).device
-        nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
-                          lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))
-    else:
-        with m.ctx(c):
-            nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
+    """Neutral-text ΔNLL of method ``m`` at one coefficient (inf where the outputs are not finite:
+    the model is broken there, past any budget)."""
+    try:
+        if m.per_example:
+            device = next(model.parameters()).device
+            nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
+                              lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))
+        else:
+            with m.ctx(c):
+                nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
+    except NonFiniteOutputs:
+        return math.inf
     return float(nll[0]) - base_nll
 
 
@@ -383,7 +395,8 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     largest |c|; doubling where it cannot be fitted); inside a bracket it interpolates (kept off
     the bracket's ends; through the two nearest outside points, or with e = 2, when the inside one
     is c = 0),
-    until the bracket is within 2% of |c|. Returns {coefficient: ΔNLL} for the new coefficients."""
+    until the bracket is within 2% of |c|. Where the outputs are not finite, ΔNLL is inf: past the
+    budget, and the bracket up to it is halved. Returns {coefficient: ΔNLL} for the new coefficients."""
     budget, bs = cfg.shift_budget, max(1, cfg.batch_size // 4)
     reach = cfg.shift_reach * max(abs(c) for c in grid_dnll)
     found: dict[float, float] = {}
@@ -410,7 +423,9 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
                 ao, do = outs[-1]
                 if ao - a1 <= 0.02 * ao:
                     break
-                if d1 > 0:
+                if not math.isfinite(do):  # the outputs broke there: no law to fit, halve the bracket
+                    guess = None
+                elif d1 > 0:
                     guess = _crossing(a1, d1, ao, do, budget)
                 elif len(outs) > 1:
                     guess = _crossing(ao, do, *outs[-2], budget)
@@ -430,14 +445,17 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg,
     neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
     report = Report()
     for m in methods:
-        ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
+        try:
+            ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
+        except NonFiniteOutputs as e:
+            raise NonFiniteOutputs(f"{m.name}: {e}; sweep smaller coefficients (eval.coeffs)") from None
         coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
         base_nll = float(nlls[i0])
         found = {}
         if m.scalable and cfg.shift_search > 0:
             found = budget_search(model, tokenizer, m, neutral, {c: float(n) - base_nll for c, n in zip(coeffs, nlls)},
                                   base_nll, cfg)
-        extra = list(found)
+        extra = [c for c, d in found.items() if math.isfinite(d)]  # not where the model broke
         if extra:  # the probes at the search's coefficients (their ΔNLL is known)
             ys2, masses2, _ = score_method(model, tokenizer, dataclasses.replace(m, coeffs=extra), probes, None,
                                            cfg.batch_size)

@@ -3,6 +3,7 @@ equal to the per-coefficient loop, baselines, report files, and the eval / sweep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -112,6 +113,47 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
     assert search and all(r["method"] == "m" for r in search) and len(calls) == len(search)
     assert s["m"]["slope"] == pytest.approx(1.0) and s["m"]["r2"] == pytest.approx(1.0)  # grid rows only (|c| <= 2)
     assert s["prompting"]["shift_up"] == 1.0 and s["prompting"]["c_up"] == 1.0
+
+def test_the_budget_search_stops_where_the_outputs_break(monkeypatch):
+    """Past c = 6 the outputs are not finite (ΔNLL inf): the search treats that as past any
+    budget, brackets the break, and scores the probes only where the outputs are finite."""
+    coeffs = [-1.0, 0.0, 1.0, 2.0, 4.0]
+    dnll = lambda c: 0.001 * c * c if abs(c) <= 6 else math.inf  # noqa: E731
+    scored = []
+
+    def fake_score(model, tok, m, probes, neutral, batch_size):
+        scored.extend(m.coeffs)
+        cs = np.array(m.coeffs)
+        return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, np.array([2.0 + dnll(c) for c in cs]))
+
+    monkeypatch.setattr(evaluate, "score_method", fake_score)
+    monkeypatch.setattr(evaluate, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: dnll(c))
+    monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
+    probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
+    rep = evaluate.run_sweep(None, None, [evaluate.Method("m", coeffs, scalable=True)], [probe], cfg,
+                             log=lambda *_: None)
+    assert max(abs(c) for c in scored) <= 6
+    assert all(math.isfinite(r["dnll"]) for r in rep.rows)
+    s = rep.summary[0]
+    assert 4.0 < s["c_up"] <= 6.0 and s["shift_up"] == s["c_up"]
+
+
+def test_the_sweep_names_the_coefficient_where_outputs_are_not_finite(tiny):
+    """A vector of 1e38 at one layer: the residual stream stays finite at |c| <= 1 and
+    overflows at c = +4 and -4; the sweep stops with an error naming the method and those
+    coefficients, not a report of NaN."""
+    model, tok = tiny
+    layer = "model.layers.1"
+    m = evaluate.vector_method(model, {layer: torch.full((model.config.hidden_size,), 1e38)}, [-4.0, -1.0, 0.0, 1.0, 4.0],
+                               name="huge")
+    y, _, _ = evaluate.score_method(model, tok, dataclasses.replace(m, coeffs=[-1.0, 0.0, 1.0]), [_probe(tok)], None)
+    assert np.isfinite(y["self_report"]).all()
+    with pytest.raises(evaluate.NonFiniteOutputs, match=r"huge: the model's outputs are not finite at coefficient "
+                                                        r"-4, \+4; sweep smaller coefficients"):
+        evaluate.run_sweep(model, tok, [m], [_probe(tok)], EvalConfig(coeffs=m.coeffs, n_boot=10),
+                           log=lambda *_: None)
+
 
 # --------------------------------------------------------------------------- batched sweeps
 
