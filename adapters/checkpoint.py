@@ -107,7 +107,6 @@ def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int
     if state.get("kind") != adapter.kind:
         raise CheckpointError(f"{folder} holds a {state.get('kind')!r} adapter, the run's config a {adapter.kind!r}")
     tensors, _ = load_tensors(folder / "adapter.safetensors")
-    adapter.load_state_tensors(tensors)
     opt_state: dict[int, dict] = {}
     for key, t in load_tensors(folder / "optimizer.safetensors")[0].items():
         _, idx, name = key.split(".", 2)
@@ -119,6 +118,7 @@ def load_checkpoint(run_dir: str | Path, adapter, fingerprint: str) -> tuple[int
         if bad:
             raise CheckpointError(f"{folder}: its {what} holds non-finite values ({', '.join(bad[:3])}); the "
                                   "checkpoint is damaged: start the run again with --overwrite")
+    adapter.load_state_tensors(tensors)  # only once everything is known to be finite
     return int(state["step"]), opt_state, cache
 
 

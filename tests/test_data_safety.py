@@ -271,3 +271,35 @@ def test_non_finite_outputs_name_their_coefficient(tiny, tokenizer):
         generate(model, tokenizer, "hi", [0.0, 2.0], max_new_tokens=2)
     with pytest.raises(ex.ExportError, match=r"merged at coefficient \+2 the weights are not finite"):
         ex.merged_model(model, 2.0)
+
+
+@pytest.mark.parametrize("what", ["adapter", "optimizer state", "base cache"])
+def test_a_non_finite_checkpoint_is_refused_on_resume(tiny, tmp_path, what):
+    """A checkpoint whose adapter, optimiser state or base cache holds NaN is refused with the
+    part named, and the adapter being resumed is left as it was."""
+    import torch
+
+    from adapters.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from conftest import attach_random
+
+    model, _ = tiny
+    model, adapter = attach_random(model, "lora")
+    params = adapter.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    cache = {"model.layers.1.mean": torch.ones(4)}
+    with torch.no_grad():
+        if what == "adapter":
+            params[0].view(-1)[0] = float("nan")
+        elif what == "optimizer state":
+            opt.state[params[0]]["exp_avg"].view(-1)[0] = float("nan")
+        else:
+            cache["model.layers.1.mean"][2] = float("nan")
+    save_checkpoint(tmp_path, 2, adapter, opt, "fp", 0, cache)
+    with torch.no_grad():
+        params[0].zero_()
+    before = {k: t.clone() for k, t in adapter.state_tensors().items()}
+    with pytest.raises(CheckpointError, match=f"its {what} holds non-finite values .*start the run again"):
+        load_checkpoint(tmp_path, adapter, "fp")
+    assert all(torch.equal(before[k], t) for k, t in adapter.state_tensors().items())
