@@ -39,6 +39,20 @@ WITH_STD = ("score", "slope", "r2", "shift_up", "shift_down")
 SUMMARY_KEYS = ("score", "slope", "r2", "monotone", "valid_frac", "shift_up", "shift_down")
 
 
+class RunFailed(RuntimeError):
+    """A training run of the comparison did not finish."""
+
+    def __init__(self, name: str, folder: Path, code: int):
+        if code == 143:
+            what = "was stopped by SIGTERM (exit 143); its last checkpoint is kept"
+        elif code < 0:
+            what = f"was killed by signal {-code}"
+        else:
+            what = f"failed (exit {code}); its error is printed above"
+        super().__init__(f"training run {name} ({folder}) {what}. Finished runs are kept: run the same "
+                         "compare command again to continue")
+
+
 def _train_script() -> Path:
     script = Path(__file__).resolve().parents[1] / "train.py"
     if not script.is_file():
@@ -191,7 +205,9 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
             if seed is not None:
                 cmd += ["--train.seed", str(seed)]
         log(f"[compare] {name}: {' '.join(cmd)}")
-        subprocess.run(cmd, check=True)
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise RunFailed(name, folder, code)
     n = len(seeds) if seeds else 1
     rows, per_run = [], []
     for probe in spec["probes"]:
@@ -220,9 +236,8 @@ def main(args) -> int:
         return 2
     try:
         compare(spec, force=args.force)
-    except subprocess.CalledProcessError as e:
-        print(f"error: a training run failed (exit {e.returncode}); finished runs are kept, rerun to resume",
-              file=sys.stderr)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -104,3 +104,23 @@ def test_compare_over_seeds(tiny_dir, tmp_path):
     per_run = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
     assert [r["run"] for r in per_run] == ["add-s0", "add-s1"]
     assert rows[0]["dnll_+1"] == pytest.approx(sum(r["dnll_+1"] for r in per_run) / 2)
+
+
+@pytest.mark.parametrize("code, says", [(143, "was stopped by SIGTERM (exit 143); its last checkpoint is kept"),
+                                        (2, "failed (exit 2); its error is printed above")])
+def test_a_training_run_that_did_not_finish_is_reported_as_such(tiny_dir, tmp_path, monkeypatch, capsys, code, says):
+    """compare names the run that stopped and how (a scheduler's SIGTERM is not a crash), exits 1,
+    and writes no comparison table."""
+    import argparse
+
+    cfg = tiny_config(tiny_dir, tmp_path / "unused", "road")
+    (tmp_path / "road.yaml").write_text(yaml.safe_dump(cfg))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"runs": [str(tmp_path / "road.yaml")], "out": str(tmp_path / "cmp")}))
+    fake = tmp_path / "train.py"
+    fake.write_text(f"import sys\nsys.exit({code})\n")
+    monkeypatch.setattr(compare, "_train_script", lambda: fake)
+    assert compare.main(argparse.Namespace(config=str(spec_path), force=False)) == 1
+    err = capsys.readouterr().err
+    assert f"error: training run road ({tmp_path / 'cmp' / 'road'}) {says}" in err
+    assert not (tmp_path / "cmp" / "comparison.md").exists()
