@@ -10,7 +10,8 @@ Steps: load the frozen base model -> pairs (train / validation split) -> referen
 directions at the candidate layers (PCA of pos-neg differences, sign-aligned) and loss-layer
 selection -> attach the adapter -> Lightning fit with the bidirectional loss -> save the
 adapter (with the base fingerprint) -> dose-response evaluation -> report.
-Everything lands in runs/<name>/; wandb is offline by default (`wandb sync runs/<name>/wandb/...`).
+Bad input (config, pairs, probes, model, run folder) stops before any work with a message on
+stderr and exit status 2. Everything lands in runs/<name>/; wandb is offline by default (`wandb sync runs/<name>/wandb/...`).
 A checkpoint (adapter, optimiser, data position) is kept in runs/<name>/checkpoint/ every
 train.checkpoint_every steps until the adapter is saved; --resume continues from it with the
 run's own config and directions.
@@ -24,6 +25,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+
+class Refused(SystemExit):
+    """A start refused for bad input (config, inputs, model, run folder): the message names the
+    key, file and reason; the process prints it and exits with status 2, as the other commands do."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -48,7 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             cfg = load_config(args.config, parse_overrides(rest))
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        raise Refused(f"config error: {e}")
     if args.resume:
         run_dir = Path(args.resume)
     else:
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
                                    "another log.name, or replace it with --overwrite (its files are deleted)")
             return train(cfg, run_dir, rank, resume=bool(args.resume), overwrite=args.overwrite)
     except RunError as e:
-        sys.exit(f"run folder error: {e}")
+        raise Refused(f"run folder error: {e}")
     except OSError as e:  # a full disk, a folder made read-only, ...: say so, and what survived
         from adapters.checkpoint import interrupted
 
@@ -113,13 +126,13 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
     try:
         train_pairs, val_pairs = check_inputs(cfg)
     except InputError as e:
-        sys.exit(str(e))
+        raise Refused(str(e))
 
     # 2. the frozen base model, and the inputs that depend on it
     try:
         model, tok = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantization)
     except ModelLoadError as e:
-        sys.exit(f"model error: {e}")
+        raise Refused(f"model error: {e}")
     if cfg.train.gradient_checkpointing:  # replays the steering coefficient in the recompute
         enable_gradient_checkpointing(model)
     checksum = BaseChecksum(model)
@@ -127,7 +140,7 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
     try:
         encoded, val_encoded = check_model_inputs(cfg, model, tok, train_pairs, val_pairs)
     except InputError as e:
-        sys.exit(str(e))
+        raise Refused(str(e))
     if zero and not resume:  # only now is the run folder written (a bad input never touches it)
         if overwrite:
             cleared = clear_run(run_dir)
@@ -161,7 +174,7 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
     try:
         items, neutral = bh.prepare(cfg, model, tok, train_pairs, fingerprint, run_dir if zero else None)
     except bh.BehaviourError as e:
-        sys.exit(f"behaviour error: {e}")
+        raise Refused(f"behaviour error: {e}")
     checksum.verify(model, "after the behaviour targets")
 
     # 4. the adapter and the Lightning system
@@ -190,7 +203,7 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
                 raise CheckpointError(f"{run_dir} has neither a checkpoint nor an adapter: it stopped before its "
                                       "first checkpoint; start it again without --resume")
         except (CheckpointError, ValueError) as e:
-            sys.exit(f"cannot resume: {e}")
+            raise Refused(f"cannot resume: {e}")
         print(f"resuming {run_dir} at step {start} of {cfg.train.steps}")
     system = ContrastiveModule(model, adapter, directions, cfg.loss, cfg.train, checksum,
                                start_step=start, optimizer_state=opt_state, base_cache=base_cache,
@@ -274,4 +287,8 @@ def train(cfg, run_dir: Path, rank: int = 0, resume: bool = False, overwrite: bo
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Refused as refused:
+        print(refused.message, file=sys.stderr)
+        sys.exit(2)

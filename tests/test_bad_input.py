@@ -19,7 +19,19 @@ def run_train(cfg: dict, tmp_path, *extra):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as err:
         load_train_module().main(["--config", str(path), *extra])
+    assert err.value.code == 2, (err.value.code, str(err.value))
     return str(err.value)
+
+
+def damaged_model(tmp_path, tiny_dir, edit) -> str:
+    """A copy of the tiny model with its weights file's bytes edited."""
+    import shutil
+
+    folder = tmp_path / "damaged-model"
+    shutil.copytree(tiny_dir, folder)
+    st = folder / "model.safetensors"
+    st.write_bytes(edit(st.read_bytes()))
+    return str(folder)
 
 
 def write(tmp_path, name, text) -> str:
@@ -29,37 +41,41 @@ def write(tmp_path, name, text) -> str:
 
 
 CASES = {
-    "malformed jsonl": (lambda t: {"data": {"pairs": write(t, "p.jsonl", '{"suffix": "a"}\n{"suffix": \n')}},
+    "malformed jsonl": (lambda t, tiny: {"data": {"pairs": write(t, "p.jsonl", '{"suffix": "a"}\n{"suffix": \n')}},
                         r"p.jsonl:2: not valid JSON"),
-    "empty pairs file": (lambda t: {"data": {"pairs": write(t, "p.jsonl", "\n\n")}}, r"no pairs found"),
-    "not utf-8": (lambda t: {"data": {"pairs": write(t, "p.csv", b"suffix\n\xff\xfe\n")}}, r"not UTF-8"),
-    "identical members": (lambda t: {"data": {"pairs": write(
+    "empty pairs file": (lambda t, tiny: {"data": {"pairs": write(t, "p.jsonl", "\n\n")}}, r"no pairs found"),
+    "not utf-8": (lambda t, tiny: {"data": {"pairs": write(t, "p.csv", b"suffix\n\xff\xfe\n")}}, r"not UTF-8"),
+    "identical members": (lambda t, tiny: {"data": {"pairs": write(
         t, "p.jsonl", json.dumps({"suffix": "Hi", "positive": "x", "negative": "x"}) + "\n")}}, r"identical"),
-    "missing column": (lambda t: {"data": {"pairs": write(t, "p.csv", "text\nhello\n")}}, r"no \['suffix'\] column"),
-    "pair longer than max_length": (lambda t: {"data": {"max_length": 8}}, r"more than data.max_length=8"),
-    "max_length beyond the context": (lambda t: {"data": {"max_length": 100000}}, r"exceeds the model's context of 512"),
-    "unknown adapter kind": (lambda t: {"adapter": {"kind": "lorax"}}, r"adapter.kind='lorax' is not valid; choose one of \['additive', 'boft'"),
-    "unknown direction method": (lambda t: {"directions": {"method": "pca"}}, r"directions.method='pca' is not valid; choose one of \[.*'fisher_steer_reg1'.*'pca_diff'.*'svd_grad'"),
-    "layer pattern matches nothing": (lambda t: {"adapter": {"layers": ["model.layers.{N}.mlp.down"]}},
+    "missing column": (lambda t, tiny: {"data": {"pairs": write(t, "p.csv", "text\nhello\n")}}, r"no \['suffix'\] column"),
+    "pair longer than max_length": (lambda t, tiny: {"data": {"max_length": 8}}, r"more than data.max_length=8"),
+    "max_length beyond the context": (lambda t, tiny: {"data": {"max_length": 100000}}, r"exceeds the model's context of 512"),
+    "unknown adapter kind": (lambda t, tiny: {"adapter": {"kind": "lorax"}}, r"adapter.kind='lorax' is not valid; choose one of \['additive', 'boft'"),
+    "unknown direction method": (lambda t, tiny: {"directions": {"method": "pca"}}, r"directions.method='pca' is not valid; choose one of \[.*'fisher_steer_reg1'.*'pca_diff'.*'svd_grad'"),
+    "layer pattern matches nothing": (lambda t, tiny: {"adapter": {"layers": ["model.layers.{N}.mlp.down"]}},
                                       r"adapter.layers: layer pattern 'model.layers.\{N\}.mlp.down' matches no module.*Valid patterns"),
-    "unknown config key": (lambda t: {"train": {"stpes": 3}}, r"did you mean 'steps'"),
-    "zero batch size": (lambda t: {"directions": {"batch_size": 0}}, r"directions.batch_size=0: must be a whole number >= 1"),
-    "zero threads": (lambda t: {"train": {"threads": 0}}, r"train.threads=0: must be a whole number >= 1"),
-    "template with another placeholder": (lambda t: {"data": {"template": "Be {persona} {x}."}},
+    "unknown config key": (lambda t, tiny: {"train": {"stpes": 3}}, r"did you mean 'steps'"),
+    "zero batch size": (lambda t, tiny: {"directions": {"batch_size": 0}}, r"directions.batch_size=0: must be a whole number >= 1"),
+    "zero threads": (lambda t, tiny: {"train": {"threads": 0}}, r"train.threads=0: must be a whole number >= 1"),
+    "template with another placeholder": (lambda t, tiny: {"data": {"template": "Be {persona} {x}."}},
                                           r"data.template 'Be \{persona\} \{x\}.' is not a valid template \(KeyError: 'x'\)"),
-    "explicit loss layer the model lacks": (lambda t: {"directions": {"select": "explicit", "explicit": ["model.layers.99"]}},
+    "explicit loss layer the model lacks": (lambda t, tiny: {"directions": {"select": "explicit", "explicit": ["model.layers.99"]}},
                                             r"directions.explicit: layer pattern 'model.layers.99' matches no module"),
-    "a fake .gguf": (lambda t: {"model": {"name": write(t, "fake.gguf", "not a gguf at all")}},
+    "a fake .gguf": (lambda t, tiny: {"model": {"name": write(t, "fake.gguf", "not a gguf at all")}},
                      r"model error: .*fake.gguf is not a GGUF file"),
-    "a device the machine lacks": (lambda t: {"model": {"device": "cuda:7"}}, r"model.device='cuda:7', but this machine has"),
-    "NaN coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "nan"]}}, r"eval.coeffs\[2\]: 'nan' is not a finite number"),
-    "non-numeric coefficient": (lambda t: {"eval": {"coeffs": [-1, 0, "one"]}}, r"eval.coeffs\[2\]: expected a number"),
-    "coefficients without 0": (lambda t: {"eval": {"coeffs": [-1, 1, 2]}}, r"eval.coeffs must contain 0"),
-    "unknown model offline": (lambda t: {"model": {"name": "no-such-org/no-such-model"}},
+    "a device the machine lacks": (lambda t, tiny: {"model": {"device": "cuda:7"}}, r"model.device='cuda:7', but this machine has"),
+    "NaN coefficient": (lambda t, tiny: {"eval": {"coeffs": [-1, 0, "nan"]}}, r"eval.coeffs\[2\]: 'nan' is not a finite number"),
+    "non-numeric coefficient": (lambda t, tiny: {"eval": {"coeffs": [-1, 0, "one"]}}, r"eval.coeffs\[2\]: expected a number"),
+    "coefficients without 0": (lambda t, tiny: {"eval": {"coeffs": [-1, 1, 2]}}, r"eval.coeffs must contain 0"),
+    "unknown model offline": (lambda t, tiny: {"model": {"name": "no-such-org/no-such-model"}},
                               r"model error: could not load model 'no-such-org/no-such-model'.*hub is unreachable"),
-    "probe file in the wrong schema": (lambda t: {"eval": {"facts": write(t, "f.jsonl", '{"prefix": "a", "true": 1}\n')}},
+    "probe file in the wrong schema": (lambda t, tiny: {"eval": {"facts": write(t, "f.jsonl", '{"prefix": "a", "true": 1}\n')}},
                                        r"f.jsonl:1: expected an object with non-empty string fields \['prefix', 'true', 'false'\]"),
-    "several problems at once": (lambda t: {"data": {"pairs": write(t, "p.jsonl", "")},
+    "truncated base weights": (lambda t, tiny: {"model": {"name": damaged_model(t, tiny, lambda b: b[:-1000])}},
+                               r"model error: could not load model .*damaged-model': its files are damaged .*re-download"),
+    "NaN in the base weights": (lambda t, tiny: {"model": {"name": damaged_model(t, tiny, lambda b: b[:-8] + b"\xff" * 8)}},
+                                r"model error: the weights of .*damaged-model' hold non-finite values \(in model.norm.weight\)"),
+    "several problems at once": (lambda t, tiny: {"data": {"pairs": write(t, "p.jsonl", "")},
                                             "eval": {"yes_no": write(t, "y.jsonl", '{"question": "q", "honest": "Maybe"}\n'),
                                                      "neutral": str(t / "missing.txt")}},
                                  r"input errors \(3\):\n  - .*no pairs found.*\n  - .*'honest' must be Yes or No.*\n  - .*neutral text file .*missing.txt does not exist"),
@@ -70,7 +86,7 @@ CASES = {
 def test_bad_input_is_a_clear_early_error(case, tiny_dir, tmp_path):
     make, pattern = CASES[case]
     cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
-    for section, values in make(tmp_path).items():
+    for section, values in make(tmp_path, tiny_dir).items():
         cfg.setdefault(section, {}).update(values)
     # a finished run of the same name: the failed attempt must leave it exactly as it was, even
     # with --overwrite (the old run's files are cleared only once every input has passed)
@@ -103,3 +119,24 @@ def test_tokenizer_that_does_not_fit_the_model(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)  # 49152 tokens for 1000 embedding rows
     with pytest.raises(models.ModelLoadError, match=r"49152 tokens but the model's embedding has 1000 rows"):
         models.load_base(str(tmp_path), dtype="float32", device="cpu")
+
+
+def test_train_py_exits_2_with_one_line_on_stderr(tiny_dir, tmp_path):
+    """The process, as a user or a scheduler runs it: exit status 2, the one-line message on
+    stderr, no traceback, no run folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
+    cfg["adapter"]["kind"] = "lorax"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "train.py"), "--config", str(path)], capture_output=True,
+                          text=True, cwd=root)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("config error: adapter.kind='lorax' is not valid"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
