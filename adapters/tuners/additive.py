@@ -7,7 +7,6 @@ control vector. Note that a vector added to both members of a pair cancels in
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

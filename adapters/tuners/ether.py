@@ -18,7 +18,6 @@ gradients of u and v are non-zero and equal).
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn import functional as F
