@@ -126,8 +126,9 @@ class Adapter(nn.Module, abc.ABC):
                 mod.__dict__.pop(_EDITED, None)
 
     def edit_modules(self, names: list[str], on: str) -> None:
-        """For kinds that edit hidden states: hooks on each named module's output (or first
-        input, ``on="input"``) that replace it by ``self.edit(name, h, c)`` while the adapter
+        """For kinds that edit hidden states (they define ``edit(module, name, h, c)``, the edited
+        state at coefficient c): hooks on each named module's output (or first input,
+        ``on="input"``) that replace it by ``self.edit(module, name, h, c)`` while the adapter
         is applied. Registered once, here, so they run before any hook registered later (a
         recording of the same module sees the edit), and ``apply`` only sets ``c``."""
         from .. import hidden
@@ -139,10 +140,6 @@ class Adapter(nn.Module, abc.ABC):
                 self._handles.append(mod.register_forward_hook(_edit_output, prepend=True))
             else:  # after the entry hook that starts it
                 self._handles.append(mod.register_forward_pre_hook(_edit_input))
-
-    def edit(self, module: nn.Module, name: str, h: torch.Tensor, c) -> torch.Tensor:
-        """The edited hidden state of module ``name`` at coefficient c (kinds using ``edit_modules``)."""
-        raise NotImplementedError(f"adapter kind {self.kind!r} does not edit hidden states")
 
     @contextlib.contextmanager
     def apply(self, c):
