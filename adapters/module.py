@@ -107,6 +107,10 @@ class ContrastiveModule(L.LightningModule):
         for i, l in enumerate(self.layers):
             self.register_buffer(f"ref_{i}", directions.v(l).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
+        # decoder layers below this one are the same at every coefficient (none when a loss layer
+        # lies below the adapter: its hidden state is recorded there)
+        first = hidden.first_layer(list(adapter.steered_modules()))
+        self.prefix = first if all(hidden.layer_index(l) >= first for l in self.layers) else 0
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
 
@@ -163,13 +167,14 @@ class ContrastiveModule(L.LightningModule):
         mags = mags.to(device)
         if not self.adapter.per_example:
             return {s: (*self._forward(batch, s * float(mags[0])), s * mags) for s in COEFFS}
-        rows = batch["input_ids"].shape[0]
-        both = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask", "suffix_mask")}
+        # each row twice in a row, at +|c| then -|c|: the decoder layers below the first adapted one
+        # see the same input in both, so they run once per row (hidden.shared_prefix)
+        both = {k: batch[k].repeat_interleave(2, 0) for k in ("input_ids", "attention_mask", "suffix_mask")}
         per_row = torch.cat([mags, mags])  # [pos; neg] rows of a pair share its |c|
-        coeff = torch.cat([COEFFS[0] * per_row, COEFFS[1] * per_row])
-        h, nll = self._forward(both, coeff)
-        return {s: ({l: t[k * rows:(k + 1) * rows] for l, t in h.items()}, nll[k * rows:(k + 1) * rows], s * mags)
-                for k, s in enumerate(COEFFS)}
+        coeff = torch.stack([COEFFS[0] * per_row, COEFFS[1] * per_row], 1).flatten()
+        with hidden.shared_prefix(self.model, self.prefix, 2):
+            h, nll = self._forward(both, coeff)
+        return {s: ({l: t[k::2] for l, t in h.items()}, nll[k::2], s * mags) for k, s in enumerate(COEFFS)}
 
     def step_terms(self, batch, step: int | None = None) -> dict[str, torch.Tensor]:
         step = self.global_step + self.start_step if step is None else step

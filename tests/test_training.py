@@ -21,12 +21,12 @@ from conftest import REPRPO_LOSS, base_clone, make_pairs, tiny_adapter_cfg
 ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
 
 
-def setup_system(tiny, directions, kind, **train_kw):
+def setup_system(tiny, directions, kind, depth=(0.0, 0.75), **train_kw):
     model, tok = tiny
     checksum = BaseChecksum(model)
     # adapters only up to the last loss layer (layer 2 of 4): one after it gets no gradient from the
     # projection terms, and none from the NLL barrier while the barrier is inside its margin
-    model, adapter = attach(model, tiny_adapter_cfg(kind, depth=[0.0, 0.75]), directions)
+    model, adapter = attach(model, tiny_adapter_cfg(kind, depth=list(depth)), directions)
     train_cfg = TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 0, **train_kw})
     system = ContrastiveModule(model, adapter, directions, dataclasses.replace(REPRPO_LOSS, w_contrast=0.5), train_cfg, checksum)
     collate = PairCollator(tok.pad_token_id)
@@ -161,11 +161,18 @@ def assert_reference_is_a_fresh_base_pass(system, batch) -> dict:
     return p_base
 
 
-@pytest.mark.parametrize("kind", ["lora", "additive", "road"])
-def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind):
+# prefix: the decoder layers run once per row (the loss layers are 1 and 2: none when the adapter
+# starts at layer 0, or above loss layer 1)
+@pytest.mark.parametrize("kind,depth,prefix", [("lora", (0.0, 0.75), 0), ("additive", (0.0, 0.75), 0),
+                                               ("road", (0.0, 0.75), 0), ("lora", (0.25, 0.75), 1),
+                                               ("additive", (0.25, 0.75), 1), ("lora", (0.5, 0.75), 0)])
+def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind, depth, prefix):
+    """The batched pass (per-example kinds: each row at +|c| and -|c| side by side, the decoder
+    layers below the first adapted one run once per row) equals a plain pass per sign."""
     from conftest import randomize
 
-    _, adapter, system, train, _ = setup_system(tiny, tiny_directions, kind)
+    _, adapter, system, train, _ = setup_system(tiny, tiny_directions, kind, depth)
+    assert system.layers == ["model.layers.1", "model.layers.2"] and system.prefix == prefix
     randomize(adapter, std=0.2)
     batch = next(iter(train))
     B = batch["index"].numel()
