@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters import data, probes
-from adapters.config import ConfigError, DataConfig, EvalConfig, load_config, parse_overrides
+from adapters.config import ConfigError, DataConfig, EvalConfig, dump_config, load_config, parse_overrides
 
 # 150 examples per property in the default run; FUZZ_EXAMPLES=2000 for a longer search
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -77,16 +77,27 @@ yaml_like = (texty
                                                json_values, max_size=3), max_size=3).map(json.dumps))
 
 
+def _round_trips(cfg) -> None:
+    """A config that loaded is written (as into a run folder) and read back to an equal config."""
+    path = _file(b"", ".yaml")
+    try:
+        dump_config(cfg, path)
+        assert load_config(path) == cfg
+    finally:
+        path.unlink()
+
+
 @FUZZ
 @given(text=yaml_like)
 def test_config_parser(text):
     path = _file(text.encode("utf-8", "surrogatepass"), ".yaml")
     try:
-        load_config(path)
+        cfg = load_config(path)
     except ConfigError:
-        pass
+        return
     finally:
         path.unlink()
+    _round_trips(cfg)
 
 
 @FUZZ
@@ -95,9 +106,10 @@ def test_config_parser(text):
                      max_size=6))
 def test_overrides_parser(args):
     try:
-        load_config(None, parse_overrides(args))
+        cfg = load_config(None, parse_overrides(args))
     except ConfigError:
-        pass
+        return
+    _round_trips(cfg)
 
 
 def test_fuzz_targets_accept_valid_input(tmp_path):
@@ -108,5 +120,11 @@ def test_fuzz_targets_accept_valid_input(tmp_path):
     f = tmp_path / "f.jsonl"
     f.write_text(json.dumps({"prefix": "a", "true": "b", "false": "c"}) + "\n")
     assert probes.probe_rows("facts", EvalConfig(facts=str(f)))["rows"]
+    # the config properties reach their round trip: these parse
+    _round_trips(load_config(None, parse_overrides(["--train.steps", "7", "--adapter.depth=[0.1,0.2]"])))
+    c = tmp_path / "c.yaml"
+    c.write_text(json.dumps({"train": {"steps": 3}, "loss": {"coeffs": [1, 2.5]}}))
+    assert load_config(c).train.steps == 3
+    _round_trips(load_config(c))
     with pytest.raises(ConfigError):
         load_config(None, parse_overrides(["--train.steps", "0"]))
