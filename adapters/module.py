@@ -107,12 +107,15 @@ class ContrastiveModule(L.LightningModule):
         for i, l in enumerate(self.layers):
             self.register_buffer(f"ref_{i}", directions.v(l).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
-        # decoder layers below this one are the same at every coefficient (none when a loss layer
-        # lies below the adapter: its hidden state is recorded there)
-        first = hidden.first_layer(list(adapter.steered_modules()))
-        self.prefix = first if all(hidden.layer_index(l) >= first for l in self.layers) else 0
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
+
+    @property
+    def prefix(self) -> int:
+        """Decoder layers below this one are the same at every coefficient (none when a loss layer
+        lies below the adapter: its hidden state is recorded there)."""
+        first = hidden.first_layer(list(self.adapter.steered_modules()))
+        return first if all(hidden.layer_index(layer) >= first for layer in self.layers) else 0
 
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
