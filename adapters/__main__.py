@@ -1,5 +1,7 @@
 """Command line.
 
+    python -m adapters train --config configs/honesty.yaml [--section.key VALUE ...] [--resume RUN] [--overwrite]
+        train and evaluate one run (what train.py does; see adapters/pipeline.py)
     python -m adapters generate --run runs/<name> --coeff -1 0 1 "prompt"
         generations at each coefficient, side by side (one column per coefficient)
     python -m adapters export --run runs/<name> --format merged|peft|gguf --out PATH [--coeff C]
@@ -102,9 +104,11 @@ def positive_int(text: str) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """Every command but ``train`` (which has the pipeline's own parser: adapters/pipeline.py)."""
     ap = argparse.ArgumentParser(prog="python -m adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", add_help=False, help="train and evaluate one run (python -m adapters train --help)")
     g = sub.add_parser("generate", help="generate at several coefficients, side by side")
     g.add_argument("--run", required=True, help="run folder (runs/<name>)")
     g.add_argument("--coeff", type=number_list, default=[-1.0, 0.0, 1.0], metavar="C [C ...]",
@@ -138,20 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("sweep", help="steering vectors over direction methods x layer types")
     w.add_argument("--config", required=True, help="sweep config (e.g. configs/sweep/layer_types.yaml)")
     w.add_argument("--force", action="store_true", help="recompute layer types already in <out>/parts")
-    args = ap.parse_args(join_numbers(sys.argv[1:] if argv is None else list(argv)))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser: config keys are overrides (--section.key VALUE)
+        from .pipeline import cli
+
+        return cli(argv[1:])
+    args = parser().parse_args(join_numbers(argv))
     if args.cmd == "sweep":
         from .sweep import main as sweep_main
 
         return sweep_main(args)
-    if args.cmd == "eval":
-        return eval_main(args)
     if args.cmd == "compare":
         from .compare import main as compare_main
 
         return compare_main(args)
-    if args.cmd == "export":
-        return export_main(args)
+    return {"eval": eval_main, "export": export_main, "generate": generate_main}[args.cmd](args)
 
+
+def generate_main(args) -> int:
     from .run import RunError, load_run
     from .steer import CoefficientError, check_coeff
 
@@ -213,9 +225,10 @@ def eval_main(args) -> int:
     from .directions import Directions, DirectionsError
     from .inputs import InputError, check_inputs
     from .hidden import LayerError
-    from .models import ModelLoadError, base_fingerprint
+    from .models import ModelLoadError
+    from .pipeline import load
     from .probes import ProbeError, load_probe
-    from .run import RunError, load_run
+    from .run import RunError
 
     run = Path(args.run)
     try:
@@ -228,8 +241,9 @@ def eval_main(args) -> int:
         over = overrides_from({k: v for k, v in given.items() if v is not None})
         cfg = load_config(run / "config.yaml", over)
         train_pairs, val_pairs = check_inputs(cfg)  # every input file checked before the model loads
-        model, tok = load_run(run)
-        directions = Directions.load(run, base_fingerprint(model))
+        loaded = load(run)
+        model, tok = loaded.model, loaded.tokenizer
+        directions = Directions.load(run, loaded.fingerprint)
         probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
     except (RunError, ConfigError, InputError, ProbeError, DirectionsError, ModelLoadError, LayerError,
             FileNotFoundError, ValueError) as err:
@@ -240,7 +254,7 @@ def eval_main(args) -> int:
     except evaluate.NonFiniteOutputs as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model.__dict__["_base_checksum"].verify(model, "after evaluation")
+    loaded.checksum.verify(model, "after evaluation")
     out = Path(args.out) if args.out else run / "eval"
     title = f"Evaluation of {run.name}" + (f" on {args.questions}" if args.questions else "")
     paths = evaluate.write_report(report, out, title=title)

@@ -8,7 +8,7 @@ The comparison config lists training configs and overrides applied to all of the
     probes: [self_report]     # optional: one table per probe (default self_report)
     out: runs/compare-kinds
 
-Each run trains in its own process (``train.py``) into ``<out>/<config stem>/``; a run whose
+Each run trains in its own process (``python -m adapters train``) into ``<out>/<config stem>/``; a run whose
 report already exists is reused (``--force`` retrains) and one with a checkpoint is resumed, so
 an interrupted comparison continues where it stopped. The tables (``<out>/comparison.md/.csv/.json``)
 have, per probe, one row per config: trainable parameters, seconds per training step, the
@@ -53,11 +53,9 @@ class RunFailed(RuntimeError):
                          "compare command again to continue")
 
 
-def _train_script() -> Path:
-    script = Path(__file__).resolve().parents[1] / "train.py"
-    if not script.is_file():
-        raise ConfigError(f"compare runs train.py from a source checkout; {script} does not exist")
-    return script
+def _train_command() -> list[str]:
+    """The training command each run of a comparison spawns (train.py as installed)."""
+    return [sys.executable, "-m", "adapters", "train"]
 
 
 def load_spec(path: str | Path) -> dict:
@@ -184,7 +182,7 @@ def _table(rows: list[dict]) -> list[str]:
 
 def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
     out: Path = spec["out"]
-    script = _train_script()
+    train = _train_command()
     seeds = spec.get("seeds")
     jobs = [(Path(p).stem, p, None) for p in spec["runs"]] if not seeds else \
         [(f"{Path(p).stem}-s{s}", p, s) for p in spec["runs"] for s in seeds]
@@ -196,9 +194,9 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
             log(f"[compare] {name}: finished run found, reused")
             continue
         if interrupted(folder):  # interrupted mid-training: continue it
-            cmd = [sys.executable, str(script), "--resume", str(folder)]
+            cmd = [*train, "--resume", str(folder)]
         else:  # the folder is this comparison's own: a run of it that never finished is replaced
-            cmd = [sys.executable, str(script), "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name,
+            cmd = [*train, "--config", cfg_path, "--log.runs_dir", str(out), "--log.name", name,
                    "--overwrite"]
             for k, v in spec["overrides"]:
                 cmd += [f"--{k}", v]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig, Config, load_config
+from .config import AdapterConfig
 from .io import load_tensors, save_tensors, tensors_digest
-from .models import BaseChecksum, base_fingerprint, base_weights, load_base, weights_differ
+from .models import base_fingerprint, base_weights, weights_differ
 from .tuners import attach
 
 
@@ -174,19 +174,14 @@ def load_adapter(model, path: str | Path, directions=None):
 
 
 def load_run(folder: str | Path, device: str = "auto", dtype: str | None = None):
-    """(model, tokenizer) = base model + the run's adapter, fingerprint checked.
+    """(model, tokenizer) = base model + the run's adapter, fingerprint checked
+    (``pipeline.load`` gives the whole run: config, checksum, fingerprint, adapter).
 
         model, tokenizer = load_run("runs/honesty")
         with steer(model, -1.0):
             model.generate(...)
     """
-    folder = Path(folder)
-    if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
-        raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
-    cfg: Config = load_config(folder / "config.yaml")
-    model, tok = load_base(cfg.model.name, dtype or cfg.model.dtype, device, cfg.model.quantization)
-    checksum = BaseChecksum(model)
-    model, adapter = load_adapter(model, folder / "adapter.safetensors")
-    checksum.verify(model, "after loading the adapter")
-    model.__dict__["_base_checksum"] = checksum
-    return model, tok
+    from .pipeline import load
+
+    run = load(folder, device, dtype)
+    return run.model, run.tokenizer

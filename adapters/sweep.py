@@ -78,21 +78,17 @@ def _slug(pattern: str) -> str:
 
 def sweep(spec: dict, force: bool = False, log=print):
     """Run the sweep; return the Report (every layer type x method, plus the baselines)."""
-    import torch
-
     from . import evaluate
     from .directions import fit_methods
-    from .models import BaseChecksum, load_base
+    from .pipeline import base
     from .probes import load_probe
-    from .inputs import check_inputs, check_model_inputs
 
     cfg, out = spec["cfg"], spec["out"]
-    torch.set_num_threads(cfg.train.threads)
-    train_pairs, val_pairs = check_inputs(cfg)
-    model, tok = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantization)
-    checksum = BaseChecksum(model)
-    cfg_types = dataclasses.replace(cfg, directions=dataclasses.replace(cfg.directions, candidates=spec["layer_types"]))
-    check_model_inputs(cfg_types, model, tok, train_pairs, val_pairs)
+    # every layer type is checked against the model before any work
+    run = base(dataclasses.replace(cfg, directions=dataclasses.replace(cfg.directions,
+                                                                       candidates=spec["layer_types"])))
+    model, tok, checksum, train_pairs, val_pairs = run.model, run.tokenizer, run.checksum, run.train_pairs, \
+        run.val_pairs
     probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
     report = evaluate.Report()
 
@@ -149,12 +145,14 @@ def main(args) -> int:
     from .hidden import LayerError
     from .inputs import InputError
     from .models import ModelLoadError
+    from .pipeline import Refused
     from .probes import ProbeError
 
     try:
         spec = load_spec(args.config)
         report = sweep(spec, force=args.force)
-    except (ConfigError, InputError, ProbeError, LayerError, DirectionsError, ModelLoadError, NonFiniteOutputs) as e:
+    except (ConfigError, InputError, ProbeError, LayerError, DirectionsError, ModelLoadError, NonFiniteOutputs,
+            Refused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     title = f"Steering vectors: methods x layer types ({spec['cfg'].model.name})"

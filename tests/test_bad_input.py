@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from adapters import models
+from adapters import pipeline
 from conftest import tiny_config
-from test_end_to_end import load_train_module
 
 
 def run_train(cfg: dict, tmp_path, *extra):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as err:
-        load_train_module().main(["--config", str(path), *extra])
+        pipeline.main(["--config", str(path), *extra])
     assert err.value.code == 2, (err.value.code, str(err.value))
     return str(err.value)
 

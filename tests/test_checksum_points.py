@@ -15,8 +15,8 @@ import adapters.run
 from adapters import hidden
 from adapters.models import BaseModelChanged
 from adapters.module import ContrastiveModule
+from adapters import pipeline
 from conftest import tiny_config
-from test_end_to_end import load_train_module
 
 
 def bump(model, name: str) -> None:
@@ -58,7 +58,7 @@ def test_one_changed_element_is_caught_and_named(point, tiny_dir, tmp_path, monk
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     if point == "load":  # a clean run first, then the adapter loading mutates the base
-        run = Path(load_train_module().main(["--config", str(path)]))
+        run = Path(pipeline.main(["--config", str(path)]))
         patch_after(monkeypatch, adapters.run, "load_adapter", tensor)
         with pytest.raises(BaseModelChanged) as err:
             adapters.run.load_run(run, device="cpu")
@@ -72,6 +72,6 @@ def test_one_changed_element_is_caught_and_named(point, tiny_dir, tmp_path, monk
         else:
             patch_after(monkeypatch, adapters.run, "save_adapter", tensor, model_arg=lambda a: a[1].model)
         with pytest.raises(BaseModelChanged) as err:
-            load_train_module().main(["--config", str(path)])
+            pipeline.main(["--config", str(path)])
     msg = str(err.value)
     assert f"changed: {tensor}" in msg and when in msg, msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import yaml
@@ -119,7 +120,7 @@ def test_a_training_run_that_did_not_finish_is_reported_as_such(tiny_dir, tmp_pa
     spec_path.write_text(yaml.safe_dump({"runs": [str(tmp_path / "road.yaml")], "out": str(tmp_path / "cmp")}))
     fake = tmp_path / "train.py"
     fake.write_text(f"import sys\nsys.exit({code})\n")
-    monkeypatch.setattr(compare, "_train_script", lambda: fake)
+    monkeypatch.setattr(compare, "_train_command", lambda: [sys.executable, str(fake)])
     assert compare.main(argparse.Namespace(config=str(spec_path), force=False)) == 1
     err = capsys.readouterr().err
     assert f"error: training run road ({tmp_path / 'cmp' / 'road'}) {says}" in err

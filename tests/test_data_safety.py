@@ -15,8 +15,9 @@ import yaml
 from adapters import __main__ as cli
 from adapters.io import COMPLETE, atomic_folder, recover_folder
 from adapters.run import RunLock
+from adapters import pipeline
 from conftest import tiny_config
-from test_end_to_end import ROOT, load_train_module
+from test_end_to_end import ROOT
 
 
 def write_cfg(tiny_dir, tmp_path, name: str = "safe") -> Path:
@@ -32,7 +33,7 @@ def write_cfg(tiny_dir, tmp_path, name: str = "safe") -> Path:
 @pytest.fixture(scope="module")
 def run(tiny_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("safe")
-    return Path(load_train_module().main(["--config", str(write_cfg(tiny_dir, tmp))]))
+    return Path(pipeline.main(["--config", str(write_cfg(tiny_dir, tmp))]))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -86,19 +87,19 @@ def test_training_into_a_finished_run_is_refused_unless_overwrite(run, tiny_dir,
     cfg_path = write_cfg(tiny_dir, run.parents[1])  # the same runs_dir and log.name as the fixture's
     before = snapshot(run)
     with pytest.raises(SystemExit, match="already holds a run .*--resume.*--overwrite"):
-        load_train_module().main(["--config", str(cfg_path)])
+        pipeline.main(["--config", str(cfg_path)])
     assert snapshot(run) == before
 
     (run / "my_notes.txt").write_text("keep")
     (run / "report.md").write_text("an old report of the old adapter")
-    out = Path(load_train_module().main(["--config", str(cfg_path), "--overwrite", "--train.steps", "1"]))
+    out = Path(pipeline.main(["--config", str(cfg_path), "--overwrite", "--train.steps", "1"]))
     assert out == run and "--overwrite: deleted the old run's adapter.safetensors" in capsys.readouterr().out
     assert (run / "my_notes.txt").read_text() == "keep"  # not ours: kept
     assert not (run / "report.md").exists()  # the old report no longer describes a different adapter
     assert (run / "adapter.safetensors").is_file()
     assert "steps: 1" in (run / "config.yaml").read_text()
     with pytest.raises(SystemExit, match="drop --config, --overwrite"):
-        load_train_module().main(["--resume", str(run), "--overwrite"])
+        pipeline.main(["--resume", str(run), "--overwrite"])
 
 
 def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_path):
@@ -111,7 +112,7 @@ def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_pat
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=f"in use by another process \\(pid {holder.pid}"):
-            load_train_module().main(["--config", str(cfg_path)])
+            pipeline.main(["--config", str(cfg_path)])
         assert not folder.exists()  # the refused start wrote nothing
     finally:
         holder.kill()
@@ -125,14 +126,14 @@ def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_pat
 def test_run_names_stay_inside_runs_dir(tmp_path):
     for bad in ("../elsewhere", "/tmp/abs", "..", ".hidden"):
         with pytest.raises(SystemExit, match="plain folder name"):
-            load_train_module().main(["--log.name", bad, "--log.runs_dir", str(tmp_path)])
+            pipeline.main(["--log.name", bad, "--log.runs_dir", str(tmp_path)])
 
 
 def test_a_runs_dir_that_is_a_file_is_a_clear_error(tiny_dir, tmp_path):
     cfg_path = write_cfg(tiny_dir, tmp_path, "x")
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match="log.runs_dir must be a writable folder"):
-        load_train_module().main(["--config", str(cfg_path), "--log.runs_dir", str(tmp_path / "afile")])
+        pipeline.main(["--config", str(cfg_path), "--log.runs_dir", str(tmp_path / "afile")])
 
 
 def test_recover_folder_finishes_a_swap_cut_short(tmp_path):
@@ -180,7 +181,7 @@ def test_a_diverging_run_is_a_training_error_not_a_saved_run(tiny_dir, tmp_path,
     cfg_path = write_cfg(tiny_dir, tmp_path, "diverge")
     what = "the loss is not finite at step 1" if where == "loss" else "the adapter's weights became non-finite at step 1"
     with pytest.raises(SystemExit, match=f"training error: {what}.*lower train.lr.*Nothing of this run's training"):
-        load_train_module().main(["--config", str(cfg_path), "--train.steps", "4", *extra])
+        pipeline.main(["--config", str(cfg_path), "--train.steps", "4", *extra])
     run = tmp_path / "runs" / "diverge"
     assert not (run / "adapter.safetensors").exists() and not (run / "checkpoint").exists()
 
@@ -248,7 +249,7 @@ def test_a_full_disk_mid_run_says_so_and_keeps_the_last_checkpoint(tiny_dir, tmp
     cfg_path = write_cfg(tiny_dir, tmp_path, "full")
     with pytest.raises(SystemExit, match=r"file system error: No space left on device \(.*adapter.safetensors\); "
                                          r"the last complete checkpoint is kept"):
-        load_train_module().main(["--config", str(cfg_path), "--train.steps", "6", "--train.checkpoint_every", "2"])
+        pipeline.main(["--config", str(cfg_path), "--train.steps", "6", "--train.checkpoint_every", "2"])
     run = tmp_path / "runs" / "full"
     assert yaml.safe_load((run / "checkpoint" / "state.json").read_text())["step"] == 2
     assert not (run / "adapter.safetensors").exists()

@@ -15,6 +15,7 @@ import yaml
 from adapters.checkpoint import ResumableSampler
 from adapters.config import ConfigError, load_config
 from adapters.io import load_tensors
+from adapters import pipeline
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +74,11 @@ def test_ddp_two_processes_match_one_process(tiny_dir, tmp_path):
 
 
 def test_too_few_pairs_for_one_global_batch_is_an_input_error(tiny_dir, tmp_path):
-    from test_end_to_end import load_train_module
-
     cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
     cfg["data"]["max_pairs"] = 6
     cfg["train"].update(strategy="ddp", devices=2, batch_size=8)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit, match="do not fill one global batch of train.batch_size=8 across 2 devices"):
-        load_train_module().main(["--config", str(path)])
+        pipeline.main(["--config", str(path)])
     assert not (tmp_path / "runs").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from adapters.config import load_config
 from adapters.io import load_tensors
 from adapters.models import base_fingerprint, load_base
 from adapters.steer import steer
+from adapters import pipeline
 from conftest import logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,19 +23,12 @@ RUN_FILES = ["config.yaml", "directions.safetensors", "directions.json", "adapte
              "report.md", "report.csv", "report.json", "report.png"]
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("contrastive_adapters_train", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def lora_run(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg_path = tmp / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dir, tmp / "runs", "lora")))
-    run_dir = load_train_module().main(["--config", str(cfg_path)])
+    run_dir = pipeline.main(["--config", str(cfg_path)])
     return Path(run_dir), cfg_path
 
 
@@ -45,13 +38,13 @@ def test_adapters_after_the_last_loss_layer_are_flagged(tiny_dir, tmp_path, caps
     cfg["train"]["steps"] = 1
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    load_train_module().main(["--config", str(path)])
+    pipeline.main(["--config", str(path)])
     out = capsys.readouterr().out
     assert "warning: adapter layers [3] come after the last loss layer (2)" in out
     cfg["adapter"]["depth"] = [0.0, 0.75]
     cfg["log"]["name"] = "early"
     path.write_text(yaml.safe_dump(cfg))
-    load_train_module().main(["--config", str(path)])
+    pipeline.main(["--config", str(path)])
     assert "warning" not in capsys.readouterr().out
 
 
@@ -129,9 +122,14 @@ def test_generate_cli_in_the_readme_form(lora_run, capsys):
     assert ">>> Is honesty important?" in out and "c = -1" in out and "c = +1" in out
 
 
-def test_train_config_error_exits_cleanly(tmp_path):
+def test_train_config_error_exits_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit, match="did you mean 'steps'"):
-        load_train_module().main(["--train.stpes", "3", "--log.runs_dir", str(tmp_path)])
+        pipeline.main(["--train.stpes", "3", "--log.runs_dir", str(tmp_path)])
+    # the installed command is the same pipeline: the message alone on stderr, status 2
+    assert cli.main(["train", "--train.stpes", "3", "--log.runs_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'steps'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("kind", ["additive", "boft", "oft", "road", "ether"])
@@ -141,7 +139,7 @@ def test_train_every_other_kind(tiny_dir, tmp_path, kind):
     cfg["eval"]["enabled"] = False
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run_dir = Path(load_train_module().main(["--config", str(path)]))
+    run_dir = Path(pipeline.main(["--config", str(path)]))
     assert (run_dir / "adapter.safetensors").is_file()
     timing = json.loads((run_dir / "timing.json").read_text())
     assert timing["kind"] == kind and timing["trainable_parameters"] > 0 and timing["step_seconds"] > 0

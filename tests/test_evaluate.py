@@ -17,8 +17,8 @@ from adapters import __main__ as cli
 from adapters import evaluate
 from adapters.config import EvalConfig
 from adapters.probes import load_probe
+from adapters import pipeline
 from conftest import attach_random, tiny_config
-from test_end_to_end import load_train_module
 
 # --------------------------------------------------------------------------- metrics
 
@@ -242,7 +242,7 @@ def additive_run(tiny_dir, tmp_path_factory):
     cfg["eval"]["probes"] = ["self_report"]
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return Path(load_train_module().main(["--config", str(path)]))
+    return Path(pipeline.main(["--config", str(path)]))
 
 
 def test_eval_cli_with_user_questions(additive_run, tmp_path, capsys):

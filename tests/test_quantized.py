@@ -9,7 +9,6 @@ quantized base, c = ±1 moves the output, training reaches every adapter paramet
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from adapters.models import BaseChecksum, base_fingerprint, enable_gradient_chec
 from adapters.steer import steer
 from adapters.tuners import KINDS
 from adapters.tuners.base import ATTR
+from adapters import pipeline
 from conftest import REPRPO_LOSS, attach_random, logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,7 @@ IDENTITY_INIT = {"lora": "lora_B", "oft": "oft_R", "road": "road_theta", "additi
 
 
 def train_main(argv):
-    spec = importlib.util.spec_from_file_location("contrastive_adapters_train_q", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return pipeline.main(argv)
 
 
 def run_train(tiny_dir, tmp_path, kind, model=None, train=None, name=None) -> Path:

@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
+from adapters import pipeline
 from adapters.checkpoint import ResumableSampler
 from adapters.io import load_tensors
 from conftest import tiny_config
-from test_end_to_end import ROOT, load_train_module
+from test_end_to_end import ROOT
 
 STEPS, EVERY = 14, 4
 
@@ -71,7 +72,7 @@ def run_killed(cfg_path, kill_at, mode, tmp_path) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def reference(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
-    run = Path(load_train_module().main(["--config", str(write_cfg(tiny_dir, tmp, "ref"))]))
+    run = Path(pipeline.main(["--config", str(write_cfg(tiny_dir, tmp, "ref"))]))
     return run, tmp
 
 
@@ -103,10 +104,10 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_adapter(tiny_dir, tmp_pat
 
     # a fresh start into the interrupted folder is refused instead of overwriting it
     with pytest.raises(SystemExit, match="--resume"):
-        load_train_module().main(["--config", str(cfg_path)])
+        pipeline.main(["--config", str(cfg_path)])
 
     capsys.readouterr()
-    resumed = Path(load_train_module().main(["--resume", str(run)]))
+    resumed = Path(pipeline.main(["--resume", str(run)]))
     out = capsys.readouterr().out
     assert f"resuming {run} at step {start} of {STEPS}" in out and f"trained {STEPS - start} steps" in out
     assert resumed == run and not (run / "checkpoint").exists()
@@ -119,7 +120,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_adapter(tiny_dir, tmp_pat
 
 def test_same_seed_same_run_bit_for_bit(tiny_dir, tmp_path, reference):
     """Determinism on CPU: a second run of the same config gives identical directions and adapter."""
-    run = Path(load_train_module().main(["--config", str(write_cfg(tiny_dir, tmp_path, "again"))]))
+    run = Path(pipeline.main(["--config", str(write_cfg(tiny_dir, tmp_path, "again"))]))
     for name in ("directions.safetensors", "adapter.safetensors"):
         a, b = load_tensors(reference[0] / name)[0], load_tensors(run / name)[0]
         assert a.keys() == b.keys()
@@ -128,9 +129,9 @@ def test_same_seed_same_run_bit_for_bit(tiny_dir, tmp_path, reference):
 
 def test_resume_errors(tiny_dir, tmp_path, reference):
     with pytest.raises(SystemExit, match="not a run folder"):
-        load_train_module().main(["--resume", str(tmp_path / "nope")])
+        pipeline.main(["--resume", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="drop --config"):
-        load_train_module().main(["--resume", str(reference[0]), "--train.steps", "3"])
+        pipeline.main(["--resume", str(reference[0]), "--train.steps", "3"])
 
 
 def test_sampler_position_continues_the_same_order():
