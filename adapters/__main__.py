@@ -39,7 +39,7 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
     import torch
 
     from .data import render
-    from .steer import steer
+    from .steer import CoefficientError, steer
 
     msgs_text = render(tokenizer, prompt, "", system)
     enc = tokenizer(msgs_text, return_tensors="pt", add_special_tokens=False)
@@ -51,7 +51,7 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
                                  return_dict_in_generate=True)
         if not all(bool(torch.isfinite(step).all()) for step in gen.logits):
-            raise ValueError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows the "
+            raise CoefficientError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows the "
                              "activations there); use a smaller |c|")
         out[c] = tokenizer.decode(gen.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out
@@ -160,59 +160,53 @@ def main(argv: list[str] | None = None) -> int:
         from .compare import main as compare_main
 
         return compare_main(args)
-    return {"eval": eval_main, "export": export_main, "generate": generate_main}[args.cmd](args)
+    from .errors import UserError
+
+    try:
+        return {"eval": eval_main, "export": export_main, "generate": generate_main}[args.cmd](args)
+    except UserError as e:  # bad input, caught once for these commands; anything else is a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def generate_main(args) -> int:
-    from .run import RunError, load_run
-    from .steer import CoefficientError, check_coeff
+    from .run import load_run
+    from .steer import check_coeff
 
-    try:
-        for c in args.coeff:
-            check_coeff(c)
-        model, tok = load_run(args.run)
-    except (RunError, CoefficientError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for c in args.coeff:
+        check_coeff(c)
+    model, tok = load_run(args.run)
     for prompt in args.prompt:
-        try:
-            texts = generate(model, tok, prompt, args.coeff, args.max_new_tokens, args.system)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        texts = generate(model, tok, prompt, args.coeff, args.max_new_tokens, args.system)
         print(f"\n>>> {prompt}\n")
         print(side_by_side(texts, args.width))
     return 0
 
 
 def export_main(args) -> int:
-    from . import export
-    from .models import base_fingerprint
-    from .run import RunError, load_run
-    from .steer import CoefficientError, check_coeff
-
     from pathlib import Path
 
-    try:
-        check_coeff(args.coeff)
-        out = Path(args.out).expanduser().resolve()  # checked before the model loads
-        if out == Path(args.run).resolve() or out in Path(args.run).resolve().parents:
-            raise export.ExportError(f"--out {args.out} is the run folder {args.run} or holds it; export elsewhere")
-        out = export.check_destination(out, args.force, folder=args.format != "gguf")
-        model, tok = load_run(args.run)
-        fp = base_fingerprint(model)
-        if args.format == "merged":
-            path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force)
-        elif args.format == "peft":
-            from .config import load_config
+    from . import export
+    from .models import base_fingerprint
+    from .run import load_run
+    from .steer import check_coeff
 
-            name = load_config(Path(args.run) / "config.yaml").model.name
-            path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force)
-        else:
-            path = export.save_control_vector(model, out, args.coeff, force=args.force)
-    except (RunError, CoefficientError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_coeff(args.coeff)
+    out = Path(args.out).expanduser().resolve()  # checked before the model loads
+    if out == Path(args.run).resolve() or out in Path(args.run).resolve().parents:
+        raise export.ExportError(f"--out {args.out} is the run folder {args.run} or holds it; export elsewhere")
+    out = export.check_destination(out, args.force, folder=args.format != "gguf")
+    model, tok = load_run(args.run)
+    fp = base_fingerprint(model)
+    if args.format == "merged":
+        path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force)
+    elif args.format == "peft":
+        from .config import load_config
+
+        name = load_config(Path(args.run) / "config.yaml").model.name
+        path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force)
+    else:
+        path = export.save_control_vector(model, out, args.coeff, force=args.force)
     print(f"exported {args.format} to {path}")
     return 0
 
@@ -222,38 +216,27 @@ def eval_main(args) -> int:
 
     from . import evaluate
     from .config import ConfigError, load_config, overrides_from
-    from .directions import Directions, DirectionsError
-    from .inputs import InputError, check_inputs
-    from .hidden import LayerError
-    from .models import ModelLoadError
+    from .directions import Directions
+    from .inputs import check_inputs
     from .pipeline import load
-    from .probes import ProbeError, load_probe
+    from .probes import load_probe
     from .run import RunError
 
     run = Path(args.run)
-    try:
-        if not (run / "config.yaml").is_file():
-            raise RunError(f"{run} is not a run folder (no config.yaml)")
-        if args.questions and args.probes:
-            raise ConfigError("--questions evaluates your file as the yes_no probe; drop --probes")
-        given = {"eval.enabled": True, "eval.yes_no": args.questions, "eval.probes": ["yes_no"] if args.questions
-                 else args.probes, "eval.coeffs": args.coeffs, "eval.baselines": args.baselines}
-        over = overrides_from({k: v for k, v in given.items() if v is not None})
-        cfg = load_config(run / "config.yaml", over)
-        train_pairs, val_pairs = check_inputs(cfg)  # every input file checked before the model loads
-        loaded = load(run)
-        model, tok = loaded.model, loaded.tokenizer
-        directions = Directions.load(run, loaded.fingerprint)
-        probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
-    except (RunError, ConfigError, InputError, ProbeError, DirectionsError, ModelLoadError, LayerError,
-            FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
-    except evaluate.NonFiniteOutputs as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run} is not a run folder (no config.yaml)")
+    if args.questions and args.probes:
+        raise ConfigError("--questions evaluates your file as the yes_no probe; drop --probes")
+    given = {"eval.enabled": True, "eval.yes_no": args.questions, "eval.probes": ["yes_no"] if args.questions
+             else args.probes, "eval.coeffs": args.coeffs, "eval.baselines": args.baselines}
+    over = overrides_from({k: v for k, v in given.items() if v is not None})
+    cfg = load_config(run / "config.yaml", over)
+    train_pairs, val_pairs = check_inputs(cfg)  # every input file checked before the model loads
+    loaded = load(run)
+    model, tok = loaded.model, loaded.tokenizer
+    directions = Directions.load(run, loaded.fingerprint)
+    probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
+    report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
     loaded.checksum.verify(model, "after evaluation")
     out = Path(args.out) if args.out else run / "eval"
     title = f"Evaluation of {run.name}" + (f" on {args.questions}" if args.questions else "")

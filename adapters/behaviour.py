@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .data import ContrastivePair, encode, pad_left, resource_path
+from .errors import UserError
 from .io import atomic_write_text, load_tensors, save_tensors
 
 
-class BehaviourError(ValueError):
+class BehaviourError(UserError):
     """Bad behaviour-prompt input; the message names the file or item and what to fix."""
 
 

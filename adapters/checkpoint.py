@@ -21,12 +21,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .errors import UserError
 from .io import atomic_folder, load_tensors, read_json, recover_folder, save_tensors, write_json
 
 FOLDER = "checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed; the message says why."""
 
 

@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A problem with the run configuration; the message says what to fix."""
 
 

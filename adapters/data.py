@@ -8,7 +8,6 @@ batch axis, split with ``chunk(2)``; a pair is one object, so shuffling can neve
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 
-class PairsError(ValueError):
+
+class PairsError(UserError):
     """Bad pairs input; the message names the file, line or key and what to fix."""
 
 

@@ -47,6 +47,7 @@ from torchmetrics.functional import pearson_corrcoef
 
 from . import hidden
 from .data import PairCollator, encode_pairs
+from .errors import UserError
 from .io import load_tensors, read_json, save_tensors, write_json
 from .loss import masked_mean, token_nll
 
@@ -60,7 +61,7 @@ MULTI = ("pca_diff", "pca_diff_weighted", "svd_grad")  # methods that give k > 1
 DUAL_RIDGE = 1e-2
 
 
-class DirectionsError(ValueError):
+class DirectionsError(UserError):
     pass
 
 

@@ -52,6 +52,7 @@ import torch
 
 from . import hidden
 from .data import encode, pad_left
+from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_text, write_json
 from .probes import Probe, load_probe, neutral_texts
 from .steer import steer
@@ -69,7 +70,7 @@ SUMMARY_COLUMNS = ("method", "slope", "r2", "valid_frac", "effect_size", "p_valu
 # entered once per coefficient by the caller.
 
 
-class NonFiniteOutputs(ValueError):
+class NonFiniteOutputs(UserError):
     """The model's outputs are not finite at some coefficient of the sweep."""
 
 

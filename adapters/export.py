@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from . import hidden
+from .errors import UserError
 from .io import atomic_folder, write_json
 from .steer import check_coeff
 from .tuners import KINDS
 from .tuners.base import ATTR, attached_adapter
 from .tuners.peft_base import PeftAdapter
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """This adapter cannot be exported in the requested format, or not to that destination."""
 
 

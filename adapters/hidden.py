@@ -13,8 +13,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import UserError
 
-class LayerError(ValueError):
+
+class LayerError(UserError):
     """A layer name or pattern that does not resolve; the message lists valid choices."""
 
 

@@ -7,8 +7,10 @@ length, tokenised pairs). Each raises one InputError listing every problem.
 
 from __future__ import annotations
 
+from .errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError):
     """One or more bad inputs; the message lists each problem and what to fix."""
 
 

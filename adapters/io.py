@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 
 
@@ -71,7 +73,11 @@ def write_json(path: str | Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
 
 
-class FormatVersionError(ValueError):
+class DamagedFileError(UserError):
+    """A file of ours that cannot be read back (not JSON, not safetensors, a damaged header)."""
+
+
+class FormatVersionError(UserError):
     """A file written by an incompatible version of contrastive-adapters."""
 
 
@@ -90,9 +96,9 @@ def read_json(path: str | Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from None
+        raise DamagedFileError(f"{path} is not valid JSON ({e}); the file is damaged") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object; the file is damaged")
+        raise DamagedFileError(f"{path}: expected a JSON object; the file is damaged")
     check_version(path, obj.get("format_version"))
     return obj
 
@@ -138,13 +144,13 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             header = f.metadata() or {}
         tensors = load_file(str(path))
     except Exception as e:  # safetensors' own error type: truncated, garbled or not safetensors at all
-        raise ValueError(f"{path} is damaged or not a safetensors file ({e}); restore it or re-create it") from None
+        raise DamagedFileError(f"{path} is damaged or not a safetensors file ({e}); restore it or re-create it") from None
     try:
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError:
-        raise ValueError(f"{path}: its header is damaged (the meta field is not JSON)") from None
+        raise DamagedFileError(f"{path}: its header is damaged (the meta field is not JSON)") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its header is damaged (the meta field is not a JSON object)")
+        raise DamagedFileError(f"{path}: its header is damaged (the meta field is not a JSON object)")
     check_version(path, meta.get("format_version"))
     return tensors, meta
 
@@ -222,7 +228,7 @@ def atomic_folder(dest: str | Path):
 TABLE_TYPES = (".jsonl", ".csv")
 
 
-class RowsError(ValueError):
+class RowsError(UserError):
     """A user's .jsonl / .csv file that cannot be read as rows; the message names file:line."""
 
 

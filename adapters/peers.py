@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from .data import ContrastivePair, render
+from .errors import UserError
 
 PEERS = ("repeng", "steering_vectors")
 DISTRIBUTIONS = {"repeng": "repeng", "steering_vectors": "steering-vectors"}
@@ -73,7 +74,7 @@ def repeng_layers(n: int) -> list[int]:
     return sorted({min(n - 2, max(1, round(n * (32 + i) / 32))) for i in REPENG_LAYERS}) if n > 2 else [n - 1]
 
 
-class PeerError(ValueError):
+class PeerError(UserError):
     """A peer baseline that cannot run (unknown name, or its package is missing)."""
 
 

@@ -287,6 +287,7 @@ def _resume(run: Run, reused: bool) -> None:
     """The checkpoint's step, optimiser and base cache, or the finished adapter (then only the
     evaluation is left)."""
     from .checkpoint import CheckpointError, interrupted, load_checkpoint
+    from .errors import UserError
     from .run import read_adapter
 
     try:
@@ -299,7 +300,7 @@ def _resume(run: Run, reused: bool) -> None:
         else:
             raise CheckpointError(f"{run.folder} has neither a checkpoint nor an adapter: it stopped before its "
                                   "first checkpoint; start it again without --resume")
-    except (CheckpointError, ValueError) as e:
+    except UserError as e:
         raise Refused(f"cannot resume: {e}")
     print(f"resuming {run.folder} at step {run.start} of {run.cfg.train.steps}")
 

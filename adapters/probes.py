@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import resource_path
+from .errors import UserError
 
 YES = ("Yes", " Yes", "yes", " yes", "YES")
 NO = ("No", " No", "no", " no", "NO")
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     pass
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from .config import AdapterConfig
+from .errors import UserError
 from .io import load_tensors, save_tensors, tensors_digest
 from .models import base_fingerprint, base_weights, weights_differ
 from .tuners import attach
 
 
-class RunError(ValueError):
+class RunError(UserError):
     pass
 
 

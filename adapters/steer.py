@@ -21,10 +21,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import UserError
 from .tuners.base import Steering, attached_adapter
 
 
-class CoefficientError(ValueError):
+class CoefficientError(UserError):
     """A coefficient that is not a finite number, or beyond MAX_COEFF."""
 
 

@@ -140,19 +140,13 @@ def write(report, out: Path, title: str, wandb_mode: str = "disabled", project: 
 
 
 def main(args) -> int:
-    from .directions import DirectionsError
-    from .evaluate import NonFiniteOutputs
-    from .hidden import LayerError
-    from .inputs import InputError
-    from .models import ModelLoadError
+    from .errors import UserError
     from .pipeline import Refused
-    from .probes import ProbeError
 
     try:
         spec = load_spec(args.config)
         report = sweep(spec, force=args.force)
-    except (ConfigError, InputError, ProbeError, LayerError, DirectionsError, ModelLoadError, NonFiniteOutputs,
-            Refused) as e:
+    except (UserError, Refused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     title = f"Steering vectors: methods x layer types ({spec['cfg'].model.name})"
