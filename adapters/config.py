@@ -69,6 +69,19 @@ def _one_of(name: str, value: str, valid) -> None:
 
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
+# The choices of the config, named here so that this module imports no implementation; each
+# equals its registry (tests/test_config.py::test_choices_equal_their_registries).
+ADAPTER_KINDS = ("additive", "lora", "boft", "oft", "road", "ether")
+"""tuners.KINDS"""
+DIRECTION_METHODS = ("pca_diff", "mean_diff", "pca_diff_weighted", "svd_grad",
+                     *(f"fisher_steer_reg{k}" for k in range(1, 6)), *(f"fisher_steer_cov_reg{k}" for k in range(1, 6)),
+                     "fisher_steer_dual", "fisher_steer_dual_cov", "fisher_steer_dual_pos", "fisher_steer_dual_neg",
+                     "fisher_steer_dual_diff")
+"""directions.METHODS"""
+PROBE_KINDS = ("self_report", "facts", "yes_no", "daily_dilemmas")
+"""probes.load_probe"""
+BASELINES = ("pca_vector", "mean_diff", "random", "prompting", "base", "repeng", "steering_vectors")
+"""evaluate.baseline_methods: our own baselines, then the peers (peers.PEERS)"""
 QUANTIZED_KINDS = ("additive", "lora", "oft", "road")
 """Adapter kinds supported on a bitsandbytes base (tests/test_quantized.py runs each on CPU)."""
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -125,7 +138,7 @@ class DataConfig:
 @dataclass
 class DirectionsConfig:
     method: str = "pca_diff"
-    """One of directions.METHODS: pca_diff (uncentred PCA of pos-neg differences), mean_diff,
+    """One of DIRECTION_METHODS: pca_diff (uncentred PCA of pos-neg differences), mean_diff,
     pca_diff_weighted, svd_grad, fisher_steer_reg{1..5}, fisher_steer_cov_reg{1..5},
     fisher_steer_dual{,_cov,_pos,_neg,_diff} (defined in adapters/directions.py)."""
     candidates: list[str] = field(default_factory=lambda: ["model.layers.{N}"])
@@ -148,9 +161,7 @@ class DirectionsConfig:
     """Training pairs used to fit the directions (0 = all); stats use every held-out pair."""
 
     def __post_init__(self):
-        from .directions import METHODS  # late import, as AdapterConfig does with tuners.KINDS
-
-        _one_of("directions.method", self.method, set(METHODS))
+        _one_of("directions.method", self.method, set(DIRECTION_METHODS))
         _one_of("directions.token", self.token, {"last", "mean"})
         _one_of("directions.select", self.select, {"top_k", "bands", "every_k", "explicit"})
         _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern")
@@ -195,9 +206,7 @@ class AdapterConfig:
     """ether: in (W H(c), the paper's default) | out (H(c) W)."""
 
     def __post_init__(self):
-        from .tuners import KINDS  # late import: tuners import config
-
-        _one_of("adapter.kind", self.kind, set(KINDS))
+        _one_of("adapter.kind", self.kind, set(ADAPTER_KINDS))
         _check(len(self.layers) > 0, "adapter.layers must list at least one pattern")
         _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
                "adapter.depth must be [start, end) with 0 <= start < end <= 1")
@@ -456,7 +465,7 @@ class EvalConfig:
                    f"eval.coeffs holds {c!r}; every coefficient must be a finite number")
         _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)")
         for p in self.probes:
-            _one_of("eval.probes entry", p, {"self_report", "facts", "yes_no", "daily_dilemmas"})
+            _one_of("eval.probes entry", p, set(PROBE_KINDS))
         _check(len(self.dilemma_values) > 0 and all(isinstance(v, str) and v.strip() for v in self.dilemma_values),
                "eval.dilemma_values must list at least one non-empty value name")
         _check(isinstance(self.dilemma_template, str) and "{situation}" in self.dilemma_template
@@ -469,8 +478,7 @@ class EvalConfig:
                                 f"({type(e).__name__}: {e}); it may use only {{situation}} and {{action}} "
                                 "(write a literal brace as {{ or }})"))
         for b in self.baselines:
-            _one_of("eval.baselines entry", b, {"pca_vector", "mean_diff", "random", "prompting", "base", "repeng",
-                                                "steering_vectors"})
+            _one_of("eval.baselines entry", b, set(BASELINES))
         _template("eval.prompt_template", self.prompt_template, "persona")
         _at_least("eval", self, 1, "batch_size", "neutral_items", "n_boot")
         _at_least("eval", self, 0, "max_items")

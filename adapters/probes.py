@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import PROBE_KINDS
 from .data import resource_path
 from .errors import UserError
 
@@ -99,7 +100,6 @@ def first_tokens(tokenizer, words) -> list[int]:
 
 # --------------------------------------------------------------------------- DailyDilemmas
 
-PROBE_KINDS = ("self_report", "facts", "yes_no", "daily_dilemmas")
 DILEMMA_FIELDS = ("dilemma_idx", "dilemma_situation", "action_type", "action", "values_aggregated")
 ACTION_TYPES = ("to_do", "not_to_do")
 DILEMMA_SUBSETS = {"kellycyy/daily_dilemmas": "Dilemmas_with_values_aggregated"}

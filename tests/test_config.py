@@ -175,3 +175,24 @@ def test_yaml_aliases_and_duplicate_keys_are_refused(tmp_path):
         load_config(dup)
     with pytest.raises(ConfigError, match="not a valid list"):
         load_config(None, [("eval.coeffs", "[&x 1, *x]")])
+
+
+def test_choices_equal_their_registries():
+    """config.py names the choices itself (it imports no implementation module); each list must
+    equal the registry it stands for, so a new kind, method, probe or peer is added in both."""
+    import ast
+    import inspect
+
+    from adapters import config, directions, evaluate, peers, probes
+
+    assert list(config.ADAPTER_KINDS) == list(KINDS)
+    assert config.DIRECTION_METHODS == directions.METHODS
+    assert probes.PROBE_KINDS is config.PROBE_KINDS
+    ours = set(config.BASELINES) - set(peers.PEERS)
+    assert set(peers.PEERS) <= set(config.BASELINES)
+    handled = {node.comparators[0].value for node in ast.walk(ast.parse(inspect.getsource(evaluate.baseline_methods)))
+               if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "name"}
+    assert ours == handled
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(config)))
+                if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert imported <= {"errors", "io"}, imported
