@@ -8,7 +8,7 @@ error that lists them):
   the signal); ``mean_diff``: mean(D_l).
 * ``pca_diff_weighted``: pairs weighted by w = n·softmax(l), l_i = mean over both members of
   the mean log-prob of the suffix tokens; top right-singular vectors of sqrt(w)[:, None]·D_l
-  (a constant factor, such as DESIGN.md's 2·softmax, gives the same vectors).
+  (a constant factor on w, such as 2·softmax, gives the same vectors).
 * Gradient methods use g_i = g_pos_i - g_neg_i, the gradient of the pair's log-prob margin
   lp_pos_i - lp_neg_i w.r.t. one vector added to the layer's output of both members
   (``collect_grads``). ``svd_grad``: top right-singular vectors of G (n, D), uncentred.
@@ -258,8 +258,8 @@ def fit_direction(D: torch.Tensor, method: str, k: int = 1, grads: dict[str, tor
     elif method == "mean_diff":
         V = _unit(D.mean(0))[None]
     elif method == "pca_diff_weighted":
-        l = (logp[0].double() + logp[1].double()) / 2  # (n,) mean suffix log-prob of each pair
-        w = len(l) * torch.softmax(l, 0)
+        mean_lp = (logp[0].double() + logp[1].double()) / 2  # (n,) mean suffix log-prob of each pair
+        w = len(mean_lp) * torch.softmax(mean_lp, 0)
         V = _top(w.sqrt()[:, None] * D.double(), k)
     elif method == "svd_grad":
         V = _top(grads["g_pos"] - grads["g_neg"], k)
@@ -289,23 +289,23 @@ def layer_stats(v: torch.Tensor, train: tuple[torch.Tensor, torch.Tensor],
 def select_layers(stats: dict[str, dict], layers: list[str], how: str, n: int = 3, every: int = 4,
                   explicit: list[str] = ()) -> list[str]:
     if how == "top_k":
-        ranked = sorted(layers, key=lambda l: (-abs(stats[l]["corr"]), -stats[l]["val_agreement"]))
+        ranked = sorted(layers, key=lambda layer: (-abs(stats[layer]["corr"]), -stats[layer]["val_agreement"]))
         chosen = ranked[:n]
     elif how == "bands":  # the best layer in each of n contiguous, near-equal depth bands
-        order = sorted(layers, key=lambda l: (hidden.layer_index(l), l))
+        order = sorted(layers, key=lambda layer: (hidden.layer_index(layer), layer))
         bounds = [round(i * len(order) / n) for i in range(n + 1)]
-        chosen = [max(order[a:b], key=lambda l: (abs(stats[l]["corr"]), stats[l]["val_agreement"]))
+        chosen = [max(order[a:b], key=lambda layer: (abs(stats[layer]["corr"]), stats[layer]["val_agreement"]))
                   for a, b in zip(bounds, bounds[1:]) if b > a]
     elif how == "every_k":
         chosen = layers[::-1][::every][::-1]
     elif how == "explicit":
-        unknown = [l for l in explicit if l not in layers]
+        unknown = [layer for layer in explicit if layer not in layers]
         if unknown:
             raise DirectionsError(f"explicit loss layers {unknown} are not candidate layers {layers}")
         chosen = list(explicit)
     else:
         raise DirectionsError(f"unknown layer selection {how!r}; use top_k, bands, every_k or explicit")
-    return sorted(chosen, key=lambda l: (hidden.layer_index(l), l))
+    return sorted(chosen, key=lambda layer: (hidden.layer_index(layer), layer))
 
 
 def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, methods: list[str],
@@ -319,7 +319,8 @@ def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, 
         check_method(m, cfg.components)
     if layers is None:
         layers = hidden.resolve(model, cfg.candidates, cfg.depth)
-        layers += [l for l in hidden.resolve(model, cfg.explicit) if l not in layers] if cfg.explicit else []
+        if cfg.explicit:
+            layers += [layer for layer in hidden.resolve(model, cfg.explicit) if layer not in layers]
     else:
         layers = hidden.resolve(model, layers)
     kw = dict(max_length=max_length, batch_size=cfg.batch_size, token=cfg.token, last_k=cfg.last_k)
@@ -333,11 +334,11 @@ def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, 
     out = {}
     for m in methods:
         vectors, scale, stats = {}, {}, {}
-        for l in layers:
-            vectors[l] = fit_direction(h_train[l][0] - h_train[l][1], m, cfg.components,
-                                       grads[l] if grads else None, logp)
-            stats[l] = layer_stats(vectors[l][0], h_train[l], h_val[l])
-            scale[l] = stats[l]["scale"]
+        for layer in layers:
+            vectors[layer] = fit_direction(h_train[layer][0] - h_train[layer][1], m, cfg.components,
+                                           grads[layer] if grads else None, logp)
+            stats[layer] = layer_stats(vectors[layer][0], h_train[layer], h_val[layer])
+            scale[layer] = stats[layer]["scale"]
         selected = select_layers(stats, layers, cfg.select, cfg.n_layers, cfg.every, cfg.explicit)
         out[m] = Directions(m, layers, vectors, scale, stats, selected, fingerprint)
     return out

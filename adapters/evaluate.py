@@ -18,7 +18,7 @@ The mass rule is relative to the base model's own mass, not absolute: a 135M mod
 ~0.45 of its mass on Yes/No at the first token, so "most of the mass on the answer" would
 call the unsteered model broken.
 
-Summary per method and probe (the research log's table): slope, r2 and p_value of a linear
+Summary per method and probe: slope, r2 and p_value of a linear
 fit of mean y on c over the valid coefficients (NaN with fewer than 3), valid_frac,
 score = |slope| · r2 · valid_frac², effect_size = |slope| / std(y at c = 0), min / max of
 mean y over valid coefficients. The fit (slope, r2, p_value, score) uses the coefficients with
@@ -184,7 +184,7 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[floa
 
 def summarize(coeffs, mean_y, valid, y0_items, dnll=None, fit_range: float = math.inf,
               shift_budget: float = 0.15) -> dict:
-    """The research log's summary row from per-coefficient means and validity flags, plus the
+    """The summary row of a method and probe from per-coefficient means and validity flags, plus the
     dose-response shape (monotone, ΔNLL at ±1) and the shift within the ΔNLL budget."""
     from scipy import stats
 
@@ -308,16 +308,16 @@ def base_method(model) -> Method:
 def pca_vectors(directions, layers=None) -> dict[str, torch.Tensor]:
     """A steering vector from directions: v_l scaled by the typical pos-neg separation s_l."""
     layers = layers or directions.selected
-    return {l: directions.v(l) * directions.scale[l] for l in layers}
+    return {layer: directions.v(layer) * directions.scale[layer] for layer in layers}
 
 
 def random_vectors(like: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random directions with the same norms as ``like`` (the control any steering vector must beat)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for l, v in like.items():
+    for layer, v in like.items():
         r = torch.randn(v.shape, generator=g, dtype=torch.float32)
-        out[l] = (r / r.norm() * v.float().norm()).to(v.dtype)
+        out[layer] = (r / r.norm() * v.float().norm()).to(v.dtype)
     return out
 
 
@@ -520,12 +520,12 @@ def held_out_separation(model, tokenizer, val_pairs, directions, max_length, met
             hs[c] = collect(model, tokenizer, val_pairs, directions.selected, max_length, batch_size)
     out = []
     for c in coeffs:
-        for l in directions.selected:
-            v, s = directions.v(l), directions.scale[l]
-            (pos, neg), (pos0, neg0) = hs[c][l], hs[0.0][l]
+        for layer in directions.selected:
+            v, s = directions.v(layer), directions.scale[layer]
+            (pos, neg), (pos0, neg0) = hs[c][layer], hs[0.0][layer]
             d = (pos - neg) @ v / s
             shift = torch.cat([pos - pos0, neg - neg0]) @ v / s
-            out.append({"layer": l, "coeff": c, "separation": float(d.mean()),
+            out.append({"layer": layer, "coeff": c, "separation": float(d.mean()),
                         "agreement": float((d > 0).float().mean()), "shift": float(shift.mean())})
     return out
 
@@ -548,7 +548,7 @@ def _ranked(report: Report, probe: str) -> list[dict]:
 
 
 def markdown(report: Report, title: str = "Evaluation", rows: bool = True) -> str:
-    """The research log's table per probe, sorted by score; with ``rows`` also every coefficient."""
+    """One table per probe, methods sorted by score; with ``rows`` also every coefficient."""
     lines = [f"# {title}", ""]
     for probe in dict.fromkeys(r["probe"] for r in report.summary):
         lines += [f"## {probe}", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |",

@@ -1,7 +1,7 @@
 """Loss terms: ReprPO projection (contrast + shift) on frozen directions, plus an NLL barrier.
 
 For a coefficient c in {+1, -1}, at each loss layer l with reference v_l and scale s_l, on
-the suffix tokens (DESIGN.md, "Loss"):
+the suffix tokens (README, "Loss"):
 
     Δ_l^c      = h_pos^c(l) - h_neg^c(l)
     contrast^c = -c · mean bound((Δ_l^c · v_l) / s_l)                 # separate pos from neg
@@ -133,12 +133,12 @@ def contrastive_loss(h: dict[str, torch.Tensor], p_base: dict[str, torch.Tensor]
     """All terms at coefficient c, averaged over the loss layers; ``loss`` is the weighted sum.
     ``p_base`` holds the base model's projections per layer (see ``project``)."""
     layers = list(vectors)
-    per = [projection_terms(h[l], p_base[l], vectors[l], scale[l], mask, c, cfg.clamp, cfg.bound,
-                            cfg.aggregate, cfg.target, cfg.kappa) for l in layers]
+    per = [projection_terms(h[layer], p_base[layer], vectors[layer], scale[layer], mask, c, cfg.clamp, cfg.bound,
+                            cfg.aggregate, cfg.target, cfg.kappa) for layer in layers]
     out = {key: torch.stack([p[key] for p in per]).mean() for key in per[0]}
-    for l, p in zip(layers, per):
-        out[f"proj_contrast/{l}"] = p["proj_contrast"]
-        out[f"proj_shift/{l}"] = p["proj_shift"]
+    for layer, p in zip(layers, per):
+        out[f"proj_contrast/{layer}"] = p["proj_contrast"]
+        out[f"proj_shift/{layer}"] = p["proj_shift"]
     out.update(nll_barrier(nll, nll_base, mask, cfg.nll_margin, cfg.nll_power))
     out["loss"] = cfg.w_contrast * out["contrast"] + cfg.w_shift * out["shift"] + cfg.nll_weight * out["nll_barrier"]
     return out

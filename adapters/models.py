@@ -253,7 +253,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     ``backward()``. The coefficient is set by ``steer(model, c)`` only for the forward, and
     the training step calls ``backward()`` after that block has exited, so a plain recompute
     would run the base model (LoRA: wrong gradients; swap kinds: ``CheckpointError``, see
-    PEFT_NOTES.md §3). Here torch's ``context_fn`` reads the adapter's coefficient when the
+    docs/peft.md). Here torch's ``context_fn`` reads the adapter's coefficient when the
     layer runs forward and re-enters ``adapter.scoped(c)`` around its recompute. Hooks on a
     decoder layer itself (additive vectors, recordings) stay outside the checkpoint (it wraps
     ``forward``, not ``__call__``)."""

@@ -56,22 +56,22 @@ class BaseCache:
         return index in self.entries
 
     def put(self, index: int, proj: dict[str, torch.Tensor], nll: torch.Tensor) -> None:
-        self.entries[index] = {"nll": nll.float(), **{f"proj.{l}": proj[l].float() for l in self.layers}}
+        self.entries[index] = {"nll": nll.float(), **{f"proj.{layer}": proj[layer].float() for layer in self.layers}}
 
     def assemble(self, index: list[int], suffix: list[int], T: int, device) -> tuple[dict, torch.Tensor]:
         """({layer: (2B, T)}, (2B, T)): the cached values right-aligned into a batch of width T."""
         B = len(index)
-        proj = {l: torch.zeros(2 * B, T, device=device) for l in self.layers}
+        proj = {layer: torch.zeros(2 * B, T, device=device) for layer in self.layers}
         nll = torch.zeros(2 * B, T, device=device)
         for j, (i, n) in enumerate(zip(index, suffix)):
             e, rows = self.entries[i], [j, B + j]
-            if e["nll"].shape[-1] != n or any(f"proj.{l}" not in e for l in self.layers):
+            if e["nll"].shape[-1] != n or any(f"proj.{layer}" not in e for layer in self.layers):
                 raise ValueError(f"the cached base reference of pair {i} does not fit this batch (suffix of "
                                  f"{e['nll'].shape[-1]} tokens cached, {n} now, or other loss layers): the pairs "
                                  "or directions changed since the checkpoint; start the run again")
             nll[rows, T - n:] = e["nll"].to(device)
-            for l in self.layers:
-                proj[l][rows, T - n:] = e[f"proj.{l}"].to(device)
+            for layer in self.layers:
+                proj[layer][rows, T - n:] = e[f"proj.{layer}"].to(device)
         return proj, nll
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -103,9 +103,9 @@ class ContrastiveModule(L.LightningModule):
         self.loss_cfg, self.train_cfg = loss_cfg, train_cfg
         self.checksum = checksum
         self.layers = list(directions.selected)
-        self.scale = {l: directions.scale[l] for l in self.layers}
-        for i, l in enumerate(self.layers):
-            self.register_buffer(f"ref_{i}", directions.v(l).float().clone(), persistent=False)
+        self.scale = {layer: directions.scale[layer] for layer in self.layers}
+        for i, layer in enumerate(self.layers):
+            self.register_buffer(f"ref_{i}", directions.v(layer).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
@@ -119,7 +119,7 @@ class ContrastiveModule(L.LightningModule):
 
     @property
     def vectors(self) -> dict[str, torch.Tensor]:
-        return {l: getattr(self, f"ref_{i}") for i, l in enumerate(self.layers)}
+        return {layer: getattr(self, f"ref_{i}") for i, layer in enumerate(self.layers)}
 
     # ------------------------------------------------------------------ forward passes
 
@@ -146,7 +146,8 @@ class ContrastiveModule(L.LightningModule):
             m = len(missing)
             for n, j in enumerate(missing):
                 pair, s = [n, m + n], suffix[j]
-                proj = {l: project(h[l][pair, T - s:], self.vectors[l], self.scale[l]) for l in self.layers}
+                proj = {layer: project(h[layer][pair, T - s:], self.vectors[layer], self.scale[layer])
+                        for layer in self.layers}
                 self.base_cache.put(index[j], proj, nll[pair, T - s:].float())
         return self.base_cache.assemble(index, suffix, T, batch["input_ids"].device)
 
@@ -177,7 +178,7 @@ class ContrastiveModule(L.LightningModule):
         coeff = torch.stack([COEFFS[0] * per_row, COEFFS[1] * per_row], 1).flatten()
         with hidden.shared_prefix(self.model, self.prefix, 2):
             h, nll = self._forward(both, coeff)
-        return {s: ({l: t[k::2] for l, t in h.items()}, nll[k::2], s * mags) for k, s in enumerate(COEFFS)}
+        return {s: ({layer: t[k::2] for layer, t in h.items()}, nll[k::2], s * mags) for k, s in enumerate(COEFFS)}
 
     def step_terms(self, batch, step: int | None = None) -> dict[str, torch.Tensor]:
         step = self.global_step + self.start_step if step is None else step
@@ -309,10 +310,10 @@ class ContrastiveModule(L.LightningModule):
         n = batch["index"].numel()
         for c in (0.0, -1.0, 1.0):
             h, nll = self._forward(batch, c)
-            for l in self.layers:
-                pos, neg = h[l][:, -1].float().chunk(2)
-                sep = ((pos - neg) @ self.vectors[l]) / self.scale[l]
-                self.log(f"val/sep@{c:+g}/{l}", sep.mean(), batch_size=n)
+            for layer in self.layers:
+                pos, neg = h[layer][:, -1].float().chunk(2)
+                sep = ((pos - neg) @ self.vectors[layer]) / self.scale[layer]
+                self.log(f"val/sep@{c:+g}/{layer}", sep.mean(), batch_size=n)
             if c == 0.0:
                 nll0 = nll
             else:

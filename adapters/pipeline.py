@@ -72,6 +72,9 @@ class Run:
     logger: Any = None
     t0: float = dataclasses.field(default_factory=time.time)
     fit_seconds: float = 0.0
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds per stage (load, directions, behaviour, attach, fit, save, evaluate), for timing.json."""
+    lap_at: float = 0.0
 
     @property
     def zero(self) -> bool:
@@ -83,6 +86,12 @@ class Run:
 
     def say(self, text: str) -> None:
         print(f"{text} [{time.time() - self.t0:.0f}s]")
+
+    def lap(self, stage: str) -> None:
+        """Book the time since the last lap (or the start) to ``stage``."""
+        now = time.time()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - (self.lap_at or self.t0)
+        self.lap_at = now
 
 
 # --------------------------------------------------------------------------- the command line
@@ -201,6 +210,7 @@ def base(cfg: Config, rank: int = 0) -> Run:
         run.encoded, run.val_encoded = check_model_inputs(cfg, model, tok, train_pairs, val_pairs)
     except InputError as e:
         raise Refused(str(e))
+    run.lap("load")
     return run
 
 
@@ -216,10 +226,13 @@ def prepare(cfg: Config, folder: Path, rank: int = 0, resume: bool = False, over
             f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.0f}M) loaded; "
             f"{len(run.train_pairs)} train / {len(run.val_pairs)} val pairs")
     reused = _directions(run)
+    run.lap("directions")
     _behaviour(run)
+    run.lap("behaviour")
     _attach(run)
     if resume:
         _resume(run, reused)
+    run.lap("attach")
     return run
 
 
@@ -388,6 +401,7 @@ def fit(run: Run) -> bool:
                   f"`python train.py --resume {run.folder}`", file=sys.stderr)
             sys.exit(143)
     run.fit_seconds = time.time() - t_fit
+    run.lap("fit")
     if trainer.is_global_zero:
         run.say(f"trained {cfg.train.steps - run.start} steps")
     return trainer.is_global_zero
@@ -404,15 +418,18 @@ def finish(run: Run) -> None:
     save_adapter(run.folder, run.adapter, run.fingerprint)
     run.checksum.verify(run.model, "after saving")
     shutil.rmtree(run.folder / CKPT, ignore_errors=True)  # the saved adapter supersedes it
+    run.lap("save")
     t_eval = time.time()
     if run.cfg.eval.enabled:
         evaluate(run)
+    run.lap("evaluate")
     steps = run.cfg.train.steps - run.start
     write_json(run.folder / "timing.json", {
         "seconds": time.time() - run.t0, "fit_seconds": run.fit_seconds,
         "step_seconds": run.fit_seconds / max(steps, 1), "eval_seconds": time.time() - t_eval,
         "trainable_parameters": run.trainable, "kind": run.cfg.adapter.kind,
-        "dtype": str(run.model.dtype).removeprefix("torch.")})
+        "dtype": str(run.model.dtype).removeprefix("torch."),
+        "stages": {k: round(v, 2) for k, v in run.stages.items()}})
     if run.logger:
         run.logger.experiment.finish()
     print(f"done in {time.time() - run.t0:.0f}s: {run.folder}")

@@ -167,7 +167,7 @@ def load_adapter(model, path: str | Path, directions=None):
     except Exception as e:  # a header edited by hand: missing, unknown or invalid adapter settings
         raise RunError(f"{path}: the adapter settings in its header are damaged ({e})") from None
     # the saved tensors replace whatever attach initialises, so loading never needs the
-    # directions (init=directions used to make load_run fail for such additive adapters)
+    # directions (an additive adapter trained with init=directions is attached with zeros)
     model, adapter = attach(model, dataclasses.replace(cfg, init="zeros"), directions)
     adapter.cfg = cfg
     adapter.load_state_tensors(tensors)

@@ -1,4 +1,4 @@
-"""Steering-vector sweep over direction methods x layer types (the research log's table).
+"""Steering-vector sweep over direction methods x layer types, one table.
 
     python -m adapters sweep --config configs/sweep/layer_types.yaml
 

@@ -40,25 +40,37 @@ def step_args(doc: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
+def base_run(config: Path, args, loss: Path | None = None):
+    """``pipeline.base`` (inputs checked, base model, checksum, fingerprint, tokenised pairs) on a
+    config of configs/, with the bench's --model, --dtype and --threads; ``loss`` replaces its
+    loss section by another config's."""
+    import dataclasses
+
+    from adapters.config import load_config
+    from adapters.pipeline import base
+
+    cfg = load_config(config)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=args.model, dtype=args.dtype, device="auto"),
+                              train=dataclasses.replace(cfg.train, threads=args.threads),
+                              loss=load_config(loss).loss if loss else cfg.loss)
+    return base(cfg)
+
+
 def step_setup(args):
     """(config of configs/honesty.yaml with the card's ReprPO loss (configs/recipes/reprpo.yaml),
-    frozen base, tokenizer, directions from 48 built-in pairs, a batch of ``args.batch`` other
-    pairs on the model's device). The step benches time the ReprPO part of a step, the part the
-    three-pass loop they compare against computes; the behaviour terms add passes of their own
-    over completions and neutral text, which need completions generated first."""
+    frozen base, tokenizer, directions from 48 training pairs (16 held out), a batch of
+    ``args.batch`` other training pairs on the model's device). The step benches time the ReprPO
+    part of a step, the part the three-pass loop they compare against computes; the behaviour
+    terms add passes of their own over completions and neutral text, which need completions
+    generated first."""
     import torch
 
     from adapters import data, directions as dirs
-    from adapters.config import load_config
-    from adapters.models import base_fingerprint, load_base
 
-    torch.set_num_threads(args.threads)
+    run = base_run(ROOT / "configs" / "honesty.yaml", args, loss=ROOT / "configs" / "recipes" / "reprpo.yaml")
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "honesty.yaml")
-    cfg.loss = load_config(ROOT / "configs" / "recipes" / "reprpo.yaml").loss
-    base, tok = load_base(args.model, args.dtype, "auto")
-    pairs = data.load_pairs(cfg.data)
-    d = dirs.compute(base, tok, pairs[:48], pairs[48:64], cfg.directions, cfg.data.max_length, base_fingerprint(base))
-    batch = data.PairCollator(tok.pad_token_id)(data.encode_pairs(tok, pairs[64:64 + args.batch], cfg.data.max_length))
+    cfg, base, tok, pairs = run.cfg, run.model, run.tokenizer, run.train_pairs
+    d = dirs.compute(base, tok, pairs[:48], run.val_pairs[:16], cfg.directions, cfg.data.max_length, run.fingerprint)
+    batch = data.PairCollator(tok.pad_token_id)(data.encode_pairs(tok, pairs[48:48 + args.batch], cfg.data.max_length))
     device = next(base.parameters()).device
     return cfg, base, tok, d, {k: v.to(device) for k, v in batch.items()}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine_line  # noqa: E402
+from common import base_run, machine_line  # noqa: E402
 
 KIND_CONFIGS = {"lora": "honesty", "additive": "additive", "ether": "ether"}
 
@@ -44,16 +44,13 @@ def main() -> None:
     import torch
 
     from adapters import evaluate
-    from adapters.config import load_config
     from adapters.hidden import output_dim, resolve
-    from adapters.models import load_base
     from adapters.probes import load_probe, neutral_texts
     from adapters.tuners import attach
 
-    torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "configs" / f"{KIND_CONFIGS[args.kind]}.yaml")
-    model, tok = load_base(args.model, args.dtype, "auto")
-    model, adapter = attach(model, cfg.adapter)
+    run = base_run(ROOT / "configs" / f"{KIND_CONFIGS[args.kind]}.yaml", args)
+    cfg, tok = run.cfg, run.tokenizer
+    model, adapter = attach(run.model, cfg.adapter)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter.trainable_parameters():

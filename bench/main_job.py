@@ -48,6 +48,8 @@ def main() -> None:
           f"({timing['step_seconds']:.2f} s/step), evaluation {timing['eval_seconds']:.0f} s, "
           f"rest (imports, model load, directions, save) "
           f"{timing['seconds'] - timing['fit_seconds'] - timing['eval_seconds']:.0f} s")
+    if timing.get("stages"):
+        print("  stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing["stages"].items()))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,7 @@ def test_choices_equal_their_registries():
     from adapters import config, directions, evaluate, peers, probes
 
     assert list(config.ADAPTER_KINDS) == list(KINDS)
+    assert config.QUANTIZED_KINDS == tuple(kind for kind, cls in KINDS.items() if cls.quantizable)
     assert config.DIRECTION_METHODS == directions.METHODS
     assert probes.PROBE_KINDS is config.PROBE_KINDS
     ours = set(config.BASELINES) - set(peers.PEERS)

@@ -15,7 +15,7 @@ from adapters.tuners import KINDS, attach
 from conftest import attach_random, logits, make_batch, randomize, tiny_adapter_cfg
 
 ALL_KINDS = pytest.mark.parametrize("kind", sorted(KINDS))
-EXACT_INVERSE = ["additive", "boft", "lora", "oft", "road"]
+EXACT_INVERSE = sorted(kind for kind, cls in KINDS.items() if cls.exact_inverse)
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from .base import Adapter, param_key as _key
 class AdditiveAdapter(Adapter):
     kind = "additive"
     param_prefixes = ("additive_",)
+    quantizable = True
+    exact_inverse = True
     per_example = True
 
     def __init__(self, model, cfg, layers: list[str], dim: int):

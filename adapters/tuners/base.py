@@ -55,6 +55,10 @@ class Adapter(nn.Module, abc.ABC):
     param_prefixes: tuple[str, ...] = ()
     per_example: bool = False
     """Whether ``apply`` takes a 1-d coefficient (one value per batch row)."""
+    quantizable: bool = False
+    """Whether it trains on a 4-bit / 8-bit (bitsandbytes) base; config.QUANTIZED_KINDS lists these."""
+    exact_inverse: bool = False
+    """Whether, with its default options, merging at -c undoes merging at +c exactly."""
 
     def __init__(self, model: nn.Module, cfg):
         super().__init__()

@@ -19,6 +19,8 @@ from .peft_base import ADAPTER_NAME, PeftAdapter
 class LoraAdapter(PeftAdapter):
     kind = "lora"
     param_prefixes = ("lora_",)
+    quantizable = True
+    exact_inverse = True
     per_example = True
     layer_class_path = ("peft.tuners.lora", "LoraLayer")
 

@@ -6,7 +6,7 @@ parameter). With ``Q -> c·Q``: ``R(0) = I`` and ``R(-c) = R(c)^-1 = R(c)^T``, a
 BOFT also scales each output row by ``s``; it becomes ``s ** c`` (exact inverse too).
 
 * OFT is built with ``use_cayley_neumann=False``: peft's default truncated Neumann series is
-  not orthogonal and approximates the transposed rotation (PEFT_NOTES.md §5).
+  not orthogonal and approximates the transposed rotation (docs/peft.md).
 * BOFT is built with ``boft_n_butterfly_factor=1`` (one block-diagonal factor): a product of
   several butterfly factors is only a first-order mirror, and its shape depends on whether
   peft's CUDA extension compiled, so an adapter would not load on another machine.
@@ -43,6 +43,7 @@ class _BlockRotation(SwapAdapter):
 class BoftAdapter(_BlockRotation):
     kind = "boft"
     param_prefixes = ("boft_",)
+    exact_inverse = True
     layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
 
     @classmethod
@@ -61,6 +62,8 @@ class BoftAdapter(_BlockRotation):
 class OftAdapter(_BlockRotation):
     kind = "oft"
     param_prefixes = ("oft_",)
+    quantizable = True
+    exact_inverse = True
     layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
 
     @classmethod

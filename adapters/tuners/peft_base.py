@@ -2,7 +2,7 @@
 dict, the disabled (exact base) path for c = 0, merging at a coefficient, and the per-forward
 parameter swap that gives kinds without a scale (BOFT, OFT, RoAd) a signed coefficient.
 
-The swap (see ../shared/PEFT_NOTES.md §3): a forward pre-hook on each tuner layer replaces
+The swap (docs/peft.md): a forward pre-hook on each tuner layer replaces
 ``container._parameters[key]`` by ``f(param, c)``, computed from the real Parameter at every
 call, so autograd reaches it and optimiser updates are picked up; a forward hook with
 ``always_call=True`` puts the Parameter back, even when the forward raises. peft's forward

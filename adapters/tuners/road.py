@@ -15,6 +15,8 @@ from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 class RoadAdapter(SwapAdapter):
     kind = "road"
     param_prefixes = ("road_",)
+    quantizable = True
+    exact_inverse = True
     layer_class_path = ("peft.tuners.road.layer", "RoadLayer")
 
     @classmethod
