@@ -538,6 +538,34 @@ class Config:
                "run to bf16-mixed: ask for bf16-mixed")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass: the string under each field."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {prev.target.id: " ".join(node.value.value.split()) for prev, node in zip(body, body[1:])
+            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key with its default and its doc, section by section (``train --help``)."""
+    import textwrap
+
+    cfg, lines = Config(), []
+    for section in dataclasses.fields(Config):
+        values = getattr(cfg, section.name)
+        docs = field_docs(type(values))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(values):
+            lines.append(f"  --{section.name}.{f.name} {getattr(values, f.name)!r}")
+            if f.name in docs:
+                lines.append(textwrap.fill(docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
 _NOT_QUANTIZED = {  # why a kind is outside QUANTIZED_KINDS
     "boft": "(boft: peft 0.21.2 has no bitsandbytes layer for it, and it is not in the quantized test matrix, "
             "tests/test_quantized.py)",

@@ -197,3 +197,19 @@ def test_choices_equal_their_registries():
     imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(config)))
                 if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert imported <= {"errors", "io"}, imported
+
+
+def test_train_help_lists_every_key_with_its_default_and_doc(capsys):
+    import dataclasses
+
+    from adapters import __main__ as cli
+    from adapters.config import Config
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"  --{section.name}.{f.name} " in out, f"{section.name}.{f.name} missing from --help"
+    assert "--loss.nll_margin 0.1\n      τ: per-token NLL increase over the base allowed for free (nats)." in out
