@@ -101,12 +101,14 @@ def parse(argv: list[str] | None) -> tuple[Config, Path, bool, bool]:
     """(config, run folder, resume, overwrite) from ``train.py``'s arguments."""
     from .config import keys_help
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    keys = keys_help() if {"-h", "--help"} & set(argv) else ""  # 0.1 s: only when asked for
     ap = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Train a signed contrastive adapter, then evaluate it against baselines "
                                              "(configs/honesty.yaml is the main job).",
                                  epilog="Every config key is an override, --section.key VALUE (YAML values: "
                                         "--train.steps 40, --eval.baselines '[base, pca_vector]').\nThe keys, "
-                                        "their defaults and what they do:\n\n" + keys_help())
+                                        "their defaults and what they do:\n\n" + keys)
     ap.add_argument("--config", default=None, help="YAML file with the values that differ from the defaults")
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue the interrupted run in RUN_DIR (its config.yaml, directions, checkpoint)")
