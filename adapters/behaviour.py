@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .config import Config
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
 from .io import atomic_write_text, load_tensors, save_tensors
@@ -346,7 +347,7 @@ def neutral_batch(tokenizer, texts: list[str], user: str = "Write a short paragr
 # --------------------------------------------------------------------------- one call for a run
 
 
-def prepare(cfg, model, tokenizer, train_pairs: list[ContrastivePair], fingerprint: str, run_dir: Path | None,
+def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], fingerprint: str, run_dir: Path | None,
             log=print) -> tuple[list[tuple[Item, Item]], dict | None]:
     """The behaviour items (teacher included) and the neutral batch a run's loss needs, from the
     cache when the same model, prompts and settings were seen before. Call on the base model

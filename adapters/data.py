@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .config import DataConfig
 from .errors import UserError
 
 
@@ -120,7 +121,7 @@ def pairs_from_rows(rows: list[tuple[str, dict]], template: str, positive: str, 
     return pairs
 
 
-def load_pairs(cfg) -> list[ContrastivePair]:
+def load_pairs(cfg: DataConfig) -> list[ContrastivePair]:
     """Pairs from a DataConfig."""
     if cfg.pairs == "builtin":
         pairs = persona_pairs(builtin_suffixes(), cfg.template, cfg.positive, cfg.negative, cfg.system)

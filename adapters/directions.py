@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional import pearson_corrcoef
 
 from . import hidden
+from .config import DirectionsConfig
 from .data import PairCollator, encode_pairs
 from .errors import UserError
 from .io import load_tensors, read_json, save_tensors, write_json
@@ -308,7 +309,7 @@ def select_layers(stats: dict[str, dict], layers: list[str], how: str, n: int = 
     return sorted(chosen, key=lambda layer: (hidden.layer_index(layer), layer))
 
 
-def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, methods: list[str],
+def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg: DirectionsConfig, max_length: int, methods: list[str],
                 fingerprint: str = "", layers: list[str] | None = None) -> dict[str, Directions]:
     """Directions of every method in ``methods`` at ``layers`` (default: cfg's candidate layers).
 
@@ -344,6 +345,7 @@ def fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, 
     return out
 
 
-def compute(model, tokenizer, train_pairs, val_pairs, cfg, max_length: int, fingerprint: str = "") -> Directions:
+def compute(model, tokenizer, train_pairs, val_pairs, cfg: DirectionsConfig, max_length: int,
+            fingerprint: str = "") -> Directions:
     """Reference directions of ``cfg.method`` for every candidate layer, with stats, and the selected loss layers."""
     return fit_methods(model, tokenizer, train_pairs, val_pairs, cfg, max_length, [cfg.method], fingerprint)[cfg.method]

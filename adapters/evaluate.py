@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from . import hidden
+from .config import Config, EvalConfig
 from .data import encode, pad_left
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_text, write_json
@@ -442,7 +443,7 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
-def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg, log=print) -> Report:
+def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe], cfg: EvalConfig, log=print) -> Report:
     neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
     report = Report()
     for m in methods:
@@ -676,7 +677,7 @@ def log_wandb(report: Report, paths: dict, project: str, name: str, mode: str, f
     run.finish()
 
 
-def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer, log=print) -> list[Method]:
+def baseline_methods(model, directions, train_pairs, val_pairs, cfg: Config, tokenizer, log=print) -> list[Method]:
     """The configured baselines (eval.baselines), in table order."""
     ev, out = cfg.eval, []
     pca = pca_vectors(directions)
@@ -707,7 +708,7 @@ def baseline_methods(model, directions, train_pairs, val_pairs, cfg, tokenizer, 
     return out
 
 
-def evaluate_run(model, tokenizer, directions, train_pairs, val_pairs, cfg, probes: list[Probe] | None = None,
+def evaluate_run(model, tokenizer, directions, train_pairs, val_pairs, cfg: Config, probes: list[Probe] | None = None,
                  log=print) -> Report:
     """A trained adapter and the baselines over the sweep, plus held-out separation."""
     ev = cfg.eval

@@ -7,6 +7,7 @@ length, tokenised pairs). Each raises one InputError listing every problem.
 
 from __future__ import annotations
 
+from .config import Config
 from .errors import UserError
 
 
@@ -21,7 +22,7 @@ def _raise_if(problems: list[str]) -> None:
         raise InputError(f"input errors ({len(problems)}):\n  - " + "\n  - ".join(problems))
 
 
-def device_problems(cfg) -> list[str]:
+def device_problems(cfg: Config) -> list[str]:
     """model.device and train.accelerator against what this machine has."""
     import torch
 
@@ -48,7 +49,7 @@ def device_problems(cfg) -> list[str]:
     return problems
 
 
-def check_inputs(cfg):
+def check_inputs(cfg: Config):
     """Pairs, probe and neutral-text files, and the devices: (train, val) pairs, or InputError
     listing every problem."""
     from . import data, probes
@@ -90,7 +91,7 @@ def check_inputs(cfg):
     return split
 
 
-def check_model_inputs(cfg, model, tok, train_pairs, val_pairs):
+def check_model_inputs(cfg: Config, model, tok, train_pairs, val_pairs):
     """What depends on the model: layer patterns, context length, tokenised pairs (all at once)."""
     from . import data, hidden
 

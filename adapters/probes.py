@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PROBE_KINDS
+from .config import EvalConfig, PROBE_KINDS
 from .data import resource_path
 from .errors import UserError
 
@@ -219,7 +219,7 @@ def dilemma_items(rows: list[tuple[str, dict]], values: list[str], template: str
     return items
 
 
-def probe_rows(kind: str, cfg) -> dict:
+def probe_rows(kind: str, cfg: EvalConfig) -> dict:
     """Read and check a probe's files (no tokenizer needed): {"rows": [...], "words": {...}}.
     Every schema problem is a ProbeError naming the file and line."""
     n = cfg.max_items or None
@@ -256,7 +256,7 @@ def probe_rows(kind: str, cfg) -> dict:
     raise ProbeError(f"unknown probe kind {kind!r}; valid: {', '.join(PROBE_KINDS)}")
 
 
-def load_probe(kind: str, cfg, tokenizer) -> Probe:
+def load_probe(kind: str, cfg: EvalConfig, tokenizer) -> Probe:
     got = probe_rows(kind, cfg)
     rows = got["rows"]
     if kind == "self_report":

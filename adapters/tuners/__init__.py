@@ -17,6 +17,7 @@ checksum work by name. ``KINDS`` drives the generic tests.
 
 from __future__ import annotations
 
+from ..config import AdapterConfig
 from .additive import AdditiveAdapter
 from .base import Adapter, attached_adapter
 from .ether import EtherAdapter
@@ -40,7 +41,7 @@ def is_adapter_name(name: str) -> bool:
     return any(part.startswith(_PREFIXES) for part in name.split("."))
 
 
-def attach(model, cfg, directions=None):
+def attach(model, cfg: AdapterConfig, directions=None):
     """Attach an adapter of kind ``cfg.kind``; returns (model to call, adapter).
 
     On a bitsandbytes base, peft's RoAd layers get their output dtype fixed."""

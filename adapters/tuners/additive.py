@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import hidden
+from ..config import AdapterConfig
 from .base import Adapter, param_key as _key
 
 
@@ -21,14 +22,14 @@ class AdditiveAdapter(Adapter):
     exact_inverse = True
     per_example = True
 
-    def __init__(self, model, cfg, layers: list[str], dim: int):
+    def __init__(self, model, cfg: AdapterConfig, layers: list[str], dim: int):
         super().__init__(model, cfg)
         self.layers = list(layers)
         self.additive_vectors = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.zeros(dim, dtype=torch.float32)) for n in self.layers})
 
     @classmethod
-    def attach(cls, model, cfg, directions=None):
+    def attach(cls, model, cfg: AdapterConfig, directions=None):
         layers = hidden.resolve(model, cfg.layers, cfg.depth)
         dim = hidden.output_dim(model, layers[0])
         adapter = cls(model, cfg, layers, dim).to(next(model.parameters()).device)

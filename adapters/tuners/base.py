@@ -28,6 +28,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
+
 ATTR = "_contrastive_adapter"
 
 
@@ -60,7 +62,7 @@ class Adapter(nn.Module, abc.ABC):
     exact_inverse: bool = False
     """Whether, with its default options, merging at -c undoes merging at +c exactly."""
 
-    def __init__(self, model: nn.Module, cfg):
+    def __init__(self, model: nn.Module, cfg: AdapterConfig):
         super().__init__()
         self.__dict__["model"] = model  # a reference, not a submodule: base params stay out
         self.cfg = cfg
@@ -164,7 +166,7 @@ class Adapter(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def attach(cls, model: nn.Module, cfg, directions=None) -> tuple[nn.Module, "Adapter"]:
+    def attach(cls, model: nn.Module, cfg: AdapterConfig, directions=None) -> tuple[nn.Module, "Adapter"]:
         """Attach to ``model``; return (the model to call, the adapter)."""
 
     @abc.abstractmethod

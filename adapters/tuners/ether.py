@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import hidden
+from ..config import AdapterConfig
 from .base import Adapter, param_key as _key
 
 
@@ -31,7 +32,7 @@ class EtherAdapter(Adapter):
     param_prefixes = ("ether_",)
     per_example = True
 
-    def __init__(self, model, cfg, targets: list[str], dims: list[int]):
+    def __init__(self, model, cfg: AdapterConfig, targets: list[str], dims: list[int]):
         super().__init__(model, cfg)
         self.targets = list(targets)
         n = cfg.n_blocks
@@ -40,7 +41,7 @@ class EtherAdapter(Adapter):
         self.ether_v = nn.ParameterDict({k: nn.Parameter(-u) for k, u in us.items()})
 
     @classmethod
-    def attach(cls, model, cfg, directions=None):
+    def attach(cls, model, cfg: AdapterConfig, directions=None):
         targets = hidden.resolve(model, cfg.layers, cfg.depth)
         dims = []
         for t in targets:

@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from ..config import AdapterConfig
 from .peft_base import ADAPTER_NAME, PeftAdapter
 
 
@@ -25,7 +26,7 @@ class LoraAdapter(PeftAdapter):
     layer_class_path = ("peft.tuners.lora", "LoraLayer")
 
     @classmethod
-    def peft_config(cls, cfg, targets):
+    def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import LoraConfig
 
         return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import AdapterConfig
 from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
@@ -32,7 +33,7 @@ class _BlockRotation(SwapAdapter):
     """Shared by BOFT and OFT: blocks of ``adapter.block_size`` must tile each input."""
 
     @classmethod
-    def check_target(cls, name, module, cfg):
+    def check_target(cls, name, module, cfg: AdapterConfig):
         super().check_target(name, module, cfg)
         if module.in_features % cfg.block_size:
             raise ValueError(f"adapter.block_size {cfg.block_size} does not divide the input size "
@@ -47,7 +48,7 @@ class BoftAdapter(_BlockRotation):
     layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
 
     @classmethod
-    def peft_config(cls, cfg, targets):
+    def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import BOFTConfig
 
         _skip_boft_cuda_build()
@@ -67,7 +68,7 @@ class OftAdapter(_BlockRotation):
     layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
 
     @classmethod
-    def peft_config(cls, cfg, targets):
+    def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import OFTConfig
 
         return OFTConfig(r=0, oft_block_size=cfg.block_size, use_cayley_neumann=False, coft=False,

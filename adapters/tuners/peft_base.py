@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import hidden
+from ..config import AdapterConfig
 from .base import Adapter
 
 ADAPTER_NAME = "default"
@@ -55,11 +56,11 @@ class PeftAdapter(Adapter):
 
     @classmethod
     @abc.abstractmethod
-    def peft_config(cls, cfg, targets: list[str]):
+    def peft_config(cls, cfg: AdapterConfig, targets: list[str]):
         """The peft config that adds this kind to ``targets``."""
 
     @classmethod
-    def check_target(cls, name: str, module: nn.Module, cfg) -> None:
+    def check_target(cls, name: str, module: nn.Module, cfg: AdapterConfig) -> None:
         """Raise ValueError (naming the module and the fix) if this kind cannot adapt it."""
         if not isinstance(module, nn.Linear):
             raise ValueError(f"adapter kind {cls.kind!r} needs Linear modules; {name!r} is a "
@@ -67,7 +68,7 @@ class PeftAdapter(Adapter):
                              "model.layers.{N}.self_attn.o_proj or model.layers.{N}.mlp.down_proj")
 
     @classmethod
-    def attach(cls, model, cfg, directions=None):
+    def attach(cls, model, cfg: AdapterConfig, directions=None):
         from peft import get_peft_model
 
         targets = hidden.resolve(model, cfg.layers, cfg.depth)

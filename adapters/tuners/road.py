@@ -9,6 +9,7 @@ RoAd acts on the output side, so it also rotates the Linear's bias.
 
 from __future__ import annotations
 
+from ..config import AdapterConfig
 from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
@@ -20,7 +21,7 @@ class RoadAdapter(SwapAdapter):
     layer_class_path = ("peft.tuners.road.layer", "RoadLayer")
 
     @classmethod
-    def check_target(cls, name, module, cfg):
+    def check_target(cls, name, module, cfg: AdapterConfig):
         super().check_target(name, module, cfg)
         if module.out_features % cfg.group_size:
             raise ValueError(f"adapter.group_size {cfg.group_size} does not divide the output size "
@@ -28,7 +29,7 @@ class RoadAdapter(SwapAdapter):
                              f"groups); choose an even divisor of {module.out_features}")
 
     @classmethod
-    def peft_config(cls, cfg, targets):
+    def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import RoadConfig
 
         return RoadConfig(variant=cfg.road_variant, group_size=cfg.group_size, target_modules=targets,
