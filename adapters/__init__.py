@@ -9,7 +9,7 @@
 distribution is ``contrastive-adapters``. Do not install both in one environment.)
 """
 
-from .run import load_run
+from .pipeline import load_run
 from .steer import steer
 
 __all__ = ["load_run", "steer"]

@@ -9,7 +9,7 @@
     python -m adapters compare --config configs/compare/kinds.yaml [--force]
         train several configs (and seeds) and tabulate them side by side (see adapters/compare.py)
     python -m adapters eval --run runs/<name> [--questions FILE] [--probes ...] [--coeffs ...] [--out DIR]
-        the dose-response evaluation of a trained run against the baselines (adapters/evaluate.py)
+        the dose-response evaluation of a trained run against the baselines (adapters/evaluate/)
     python -m adapters sweep --config configs/sweep/layer_types.yaml [--force]
         steering vectors over direction methods x layer types, one table (see adapters/sweep.py)
 """
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(args) -> int:
-    from .run import load_run
+    from .pipeline import load_run
     from .steer import check_coeff
 
     for c in args.coeff:
@@ -188,7 +188,7 @@ def export_main(args) -> int:
 
     from . import export
     from .models import base_fingerprint
-    from .run import load_run
+    from .pipeline import load_run
     from .steer import check_coeff
 
     check_coeff(args.coeff)
@@ -214,9 +214,10 @@ def export_main(args) -> int:
 def eval_main(args) -> int:
     from pathlib import Path
 
-    from . import evaluate
     from .config import ConfigError, load_config, overrides_from
     from .directions import Directions
+    from .evaluate.report import log_wandb, markdown, write_report
+    from .evaluate.sweep import evaluate_run
     from .inputs import check_inputs
     from .pipeline import load
     from .probes import load_probe
@@ -236,14 +237,14 @@ def eval_main(args) -> int:
     model, tok = loaded.model, loaded.tokenizer
     directions = Directions.load(run, loaded.fingerprint)
     probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
-    report = evaluate.evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
+    report = evaluate_run(model, tok, directions, train_pairs, val_pairs, cfg, probes)
     loaded.checksum.verify(model, "after evaluation")
     out = Path(args.out) if args.out else run / "eval"
     title = f"Evaluation of {run.name}" + (f" on {args.questions}" if args.questions else "")
-    paths = evaluate.write_report(report, out, title=title)
+    paths = write_report(report, out, title=title)
     if cfg.log.wandb != "disabled":
-        evaluate.log_wandb(report, paths, cfg.log.project, f"{run.name}-eval", cfg.log.wandb, out)
-    print(evaluate.markdown(report, title=title, rows=False))
+        log_wandb(report, paths, cfg.log.project, f"{run.name}-eval", cfg.log.wandb, out)
+    print(markdown(report, title=title, rows=False))
     print(f"wrote {paths['md']}")
     return 0
 

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import interrupted
-from .config import ConfigError, load_config, overrides_from, read_yaml
+from .config import ConfigError, load_config, overrides_from, read_spec, spec_config_path
+from .evaluate.report import csv_text, md_table
 from .io import atomic_write_text, read_json, write_json
 
 COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "slope", "r2", "monotone", "valid_frac",
@@ -60,11 +61,7 @@ def _train_command() -> list[str]:
 
 def load_spec(path: str | Path) -> dict:
     path = Path(path)
-    spec = read_yaml(path, "comparison config")
-    unknown = set(spec) - {"runs", "overrides", "out", "probes", "seeds"}
-    if unknown:
-        raise ConfigError(f"{path}: a comparison config has the keys runs, overrides, out, probes, seeds; "
-                          f"unexpected: {sorted(unknown)}")
+    spec = read_spec(path, "comparison config", ("runs", "overrides", "out", "probes", "seeds"))
     seeds = spec.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds or
                               not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
@@ -77,8 +74,7 @@ def load_spec(path: str | Path) -> dict:
     if not runs or not all(isinstance(r, str) for r in runs):
         raise ConfigError(f"{path}: `runs` must list training config files")
     overrides = overrides_from(spec.get("overrides"))
-    root = Path(__file__).resolve().parents[1]  # relative paths: from the cwd, else the checkout
-    runs = [r if Path(r).is_file() else str(root / r) for r in runs]
+    runs = [spec_config_path(r) for r in runs]
     for r in runs:  # validate every config (with the overrides) before training anything
         load_config(r, overrides)
     return {"runs": runs, "overrides": overrides, "out": Path(spec.get("out", "runs/compare")),
@@ -174,10 +170,7 @@ def _cell(r: dict, c: str) -> str:
 def _table(rows: list[dict]) -> list[str]:
     head = ["run", "kind", "seeds", "trainable params", "s/step", "score", "slope", "r2", "monotone", "valid_frac",
             "ΔNLL -1", "ΔNLL +1", "shift up", "shift down", "sep -1", "sep 0", "sep +1"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |")
-    return lines
+    return md_table(head, [[_cell(r, c) for c in COLUMNS] for r in rows], align="ll" + "r" * (len(head) - 2))
 
 
 def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
@@ -219,8 +212,7 @@ def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
     title = "Trained adapters and baselines, by probe"
     cols = ("probe",) + COLUMNS + tuple(f"{c}_std" for c in WITH_STD)
     atomic_write_text(out / "comparison.md", markdown(rows, title))
-    atomic_write_text(out / "comparison.csv", ",".join(cols) + "\n" + "".join(
-        ",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n" for r in rows))
+    atomic_write_text(out / "comparison.csv", csv_text(rows, cols))
     write_json(out / "comparison.json", {"probes": spec["probes"], "rows": rows, "runs": per_run})
     log(markdown(rows, title))
     return rows

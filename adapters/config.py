@@ -81,7 +81,7 @@ DIRECTION_METHODS = ("pca_diff", "mean_diff", "pca_diff_weighted", "svd_grad",
 PROBE_KINDS = ("self_report", "facts", "yes_no", "daily_dilemmas")
 """probes.load_probe"""
 BASELINES = ("pca_vector", "mean_diff", "random", "prompting", "base", "repeng", "steering_vectors")
-"""evaluate.baseline_methods: our own baselines, then the peers (peers.PEERS)"""
+"""evaluate.methods.BASELINES: our own baselines, then the peers (peers.PEERS)"""
 QUANTIZED_KINDS = ("additive", "lora", "oft", "road")
 """Adapter kinds supported on a bitsandbytes base (tests/test_quantized.py runs each on CPU)."""
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -761,6 +761,21 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
     return data
+
+
+def read_spec(path: str | Path, what: str, keys: tuple[str, ...]) -> dict:
+    """A comparison or sweep spec: a YAML mapping with no key outside ``keys``."""
+    spec = read_yaml(path, what)
+    unknown = set(spec) - set(keys)
+    if unknown:
+        raise ConfigError(f"{path}: a {what} has the keys {', '.join(keys)}; unexpected: {sorted(unknown)}")
+    return spec
+
+
+def spec_config_path(name: str) -> str:
+    """A training config named in a spec: relative to the current folder, else to the project root
+    (so ``configs/honesty.yaml`` works from any folder of a checkout)."""
+    return name if Path(name).is_file() else str(Path(__file__).resolve().parents[1] / name)
 
 
 def overrides_from(mapping: dict) -> list[tuple[str, str]]:

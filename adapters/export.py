@@ -155,7 +155,7 @@ def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]
         raise ExportError(f"only additive adapters export as control vectors, not {adapter.kind!r}; "
                           "export it merged instead (`export --format merged`)")
     out = {}
-    for name in adapter.layers:
+    for name in adapter.targets:
         idx = hidden.layer_index(name)
         if idx < 0 or not name.endswith(f".{idx}"):
             raise ExportError(f"a llama.cpp control vector acts on decoder-layer outputs; {name!r} is not one "

@@ -2,7 +2,7 @@
 
 Each is trained by its own code, with its own defaults, on the run's training pairs (each pair
 rendered to its two chat texts, assistant turn left open), converted to {decoder-layer module
-name: (D,) vector} and swept like the PCA vector (``evaluate.vector_method``): coefficient c
+name: (D,) vector} and swept like the PCA vector (``evaluate.methods.peer_method``): coefficient c
 adds c·w_l to the output of each steered decoder layer, on every token. That is how both
 libraries apply their vectors at multiplier c (tests/test_peers.py checks the logits against
 their own application):
@@ -233,19 +233,3 @@ def peer_vectors(name: str, model, tokenizer, pairs: list[ContrastivePair], laye
         log(f"peer {name}: trained on {len(pairs)} pairs [{time.time() - t0:.0f}s]"
             + (f", cached as {path.name}" if path is not None else ""))
     return vectors
-
-
-def peer_method(name: str, model, tokenizer, pairs: list[ContrastivePair], coeffs, layers: list[int] | None = None,
-                cache: Path | None = None, log=None):
-    """The peer's vector, trained on ``pairs`` (or read from ``cache``), as an evaluation Method
-    swept over ``coeffs`` like the PCA vector (c adds c·vector at each steered decoder layer's
-    output, on every token)."""
-    from .evaluate import _has_adapter, vector_method
-    from .hidden import base_model_of
-    from .steer import steer
-
-    _check_name(name)
-    plain = base_model_of(model)
-    with steer(model, 0.0) if _has_adapter(model) else contextlib.nullcontext():
-        vectors = peer_vectors(name, plain, tokenizer, pairs, layers, cache, log)
-    return vector_method(model, vectors, coeffs, name)

@@ -446,20 +446,23 @@ def finish(run: Run) -> None:
 def evaluate(run: Run):
     """The dose-response evaluation of the trained adapter against the baselines, written into
     the run folder (report.md/.csv/.json/.png) and to wandb; returns the Report."""
-    from . import behaviour as bh, evaluate as ev
+    from . import behaviour as bh
+    from .evaluate.report import markdown, wandb_payload, write_report
+    from .evaluate.scoring import NonFiniteOutputs
+    from .evaluate.sweep import evaluate_run
 
     title = f"Evaluation of {run.folder.name}"
     try:
-        report = ev.evaluate_run(run.model, run.tokenizer, run.directions, run.train_pairs, run.val_pairs, run.cfg)
-    except ev.NonFiniteOutputs as e:
+        report = evaluate_run(run.model, run.tokenizer, run.directions, run.train_pairs, run.val_pairs, run.cfg)
+    except NonFiniteOutputs as e:
         sys.exit(f"evaluation error: {e}. The adapter is saved in {run.folder}; evaluate it at other coefficients "
                  f"with `python -m adapters eval --run {run.folder} --coeffs ...`")
     report.examples = bh.examples(run.folder)
     run.checksum.verify(run.model, "after evaluation")
-    paths = ev.write_report(report, run.folder, title=title)
-    print(ev.markdown(report, title=title))
+    paths = write_report(report, run.folder, title=title)
+    print(markdown(report, title=title))
     if run.logger:
-        run.logger.experiment.log(ev.wandb_payload(report, paths["png"]))
+        run.logger.experiment.log(wandb_payload(report, paths["png"]))
     return report
 
 
@@ -481,3 +484,15 @@ def load(folder: str | Path, device: str = "auto", dtype: str | None = None) -> 
     model, adapter = load_adapter(model, folder / "adapter.safetensors")
     checksum.verify(model, "after loading the adapter")
     return Run(cfg, folder, model, tok, checksum, fingerprint, adapter=adapter)
+
+
+def load_run(folder: str | Path, device: str = "auto", dtype: str | None = None):
+    """(model, tokenizer) = base model + the run's adapter, fingerprint checked
+    (``pipeline.load`` gives the whole run: config, checksum, fingerprint, adapter).
+
+        model, tokenizer = load_run("runs/honesty")
+        with steer(model, -1.0):
+            model.generate(...)
+    """
+    run = load(folder, device, dtype)
+    return run.model, run.tokenizer

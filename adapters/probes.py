@@ -40,11 +40,26 @@ class ProbeError(UserError):
 
 @dataclass
 class Probe:
+    """Items scored at the next token after user turn + assistant prefix:
+    y = logsumexp log P(pos token ids) - logsumexp log P(neg token ids)."""
+
     kind: str
     user: list[str]
     prefix: list[str]
-    pos: list  # next-token probes: token-id lists; facts: continuation strings
-    neg: list
+    pos: list[list[int]]
+    neg: list[list[int]]
+
+
+@dataclass
+class ContinuationProbe:
+    """Items scored on whole continuations (facts whose answers are several tokens long):
+    y = log P(pos continuation) - log P(neg continuation), each summed over its tokens."""
+
+    kind: str
+    user: list[str]
+    prefix: list[str]
+    pos: list[str]
+    neg: list[str]
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -256,7 +271,8 @@ def probe_rows(kind: str, cfg: EvalConfig) -> dict:
     raise ProbeError(f"unknown probe kind {kind!r}; valid: {', '.join(PROBE_KINDS)}")
 
 
-def load_probe(kind: str, cfg: EvalConfig, tokenizer) -> Probe:
+def load_probe(kind: str, cfg: EvalConfig, tokenizer) -> Probe | ContinuationProbe:
+    """The probe set of ``kind``, tokenised once: its type says how it is scored."""
     got = probe_rows(kind, cfg)
     rows = got["rows"]
     if kind == "self_report":
@@ -266,9 +282,13 @@ def load_probe(kind: str, cfg: EvalConfig, tokenizer) -> Probe:
             raise ProbeError(f"{wpath}: honest and dishonest words share first tokens "
                              f"{tokenizer.convert_ids_to_tokens(sorted(set(pos) & set(neg)))}")
         return Probe(kind, [r["prompt"] for r in rows], [r["prefix"] for r in rows], [pos] * len(rows), [neg] * len(rows))
-    if kind == "facts":
-        user = [r.get("prompt", "Tell me a fact.") for r in rows]
-        return Probe(kind, user, [r["prefix"] for r in rows], [r["true"] for r in rows], [r["false"] for r in rows])
+    if kind == "facts":  # one forward pass per item when every continuation is one token
+        user, prefix = [r.get("prompt", "Tell me a fact.") for r in rows], [r["prefix"] for r in rows]
+        pos, neg = [r["true"] for r in rows], [r["false"] for r in rows]
+        ids = [tokenizer.encode(s, add_special_tokens=False) for s in pos + neg]
+        if all(len(i) == 1 for i in ids):
+            return Probe(kind, user, prefix, ids[:len(pos)], ids[len(pos):])
+        return ContinuationProbe(kind, user, prefix, pos, neg)
     # yes_no and daily_dilemmas: a Yes/No question, scored at the first assistant token
     yes, no = first_tokens(tokenizer, YES), first_tokens(tokenizer, NO)
     return Probe(kind, [r["question"] for r in rows], [""] * len(rows),

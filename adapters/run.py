@@ -172,17 +172,3 @@ def load_adapter(model, path: str | Path, directions=None):
     adapter.cfg = cfg
     adapter.load_state_tensors(tensors)
     return model, adapter
-
-
-def load_run(folder: str | Path, device: str = "auto", dtype: str | None = None):
-    """(model, tokenizer) = base model + the run's adapter, fingerprint checked
-    (``pipeline.load`` gives the whole run: config, checksum, fingerprint, adapter).
-
-        model, tokenizer = load_run("runs/honesty")
-        with steer(model, -1.0):
-            model.generate(...)
-    """
-    from .pipeline import load
-
-    run = load(folder, device, dtype)
-    return run.model, run.tokenizer

@@ -21,12 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UserError
-from .tuners.base import Steering, attached_adapter
-
-
-class CoefficientError(UserError):
-    """A coefficient that is not a finite number, or beyond MAX_COEFF."""
+from .tuners.base import CoefficientError, Steering, attached_adapter
 
 
 MAX_COEFF = 1e3

@@ -8,7 +8,8 @@ layer types and the direction methods, and overrides for that config::
     config: configs/honesty.yaml
     layer_types: [model.layers.{N}, model.layers.{N}.mlp.down_proj, ...]
     methods: [pca_diff, mean_diff, svd_grad, fisher_steer_reg2, ...]
-    baselines: [prompting, base]            # evaluated once, in the same table
+    baselines: [prompting, base]            # evaluated once, in the same table (any baseline
+                                            # but the per-type vectors: prompting, base, peers)
     overrides: {eval.probes: [self_report], directions.n_layers: 3}
     out: runs/sweep-layer-types
 
@@ -29,10 +30,10 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, overrides_from, read_yaml
+from .config import ConfigError, load_config, overrides_from, read_spec, spec_config_path
 from .io import read_json, write_json
 
-KEYS = {"config", "layer_types", "methods", "baselines", "overrides", "out"}
+KEYS = ("config", "layer_types", "methods", "baselines", "overrides", "out")
 
 
 def short_name(pattern: str) -> str:
@@ -42,12 +43,12 @@ def short_name(pattern: str) -> str:
 
 
 def load_spec(path: str | Path) -> dict:
+    from .config import BASELINES
     from .directions import METHODS
+    from .evaluate.methods import NEEDS_DIRECTIONS
 
     path = Path(path)
-    spec = read_yaml(path, "sweep config")
-    if set(spec) - KEYS:
-        raise ConfigError(f"{path}: a sweep config has the keys {sorted(KEYS)}; unexpected: {sorted(set(spec) - KEYS)}")
+    spec = read_spec(path, "sweep config", KEYS)
     problems = []
     types, methods = spec.get("layer_types") or [], spec.get("methods") or []
     if not types or not all(isinstance(t, str) for t in types):
@@ -58,16 +59,14 @@ def load_spec(path: str | Path) -> dict:
     if unknown:
         problems.append(f"unknown direction methods {unknown}; valid: {list(METHODS)}")
     baselines = spec.get("baselines", ["prompting", "base"]) or []
-    bad = [b for b in baselines if b not in ("prompting", "base")]
+    allowed = [b for b in BASELINES if b not in NEEDS_DIRECTIONS]  # those come per layer type
+    bad = [b for b in baselines if b not in allowed]
     if bad:
-        problems.append(f"sweep baselines may be prompting and base, got {bad}")
+        problems.append(f"sweep baselines may be {', '.join(allowed)}; got {bad}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     overrides = overrides_from(spec.get("overrides"))
-    cfg_path = spec.get("config", "configs/honesty.yaml")
-    root = Path(__file__).resolve().parents[1]
-    cfg_path = cfg_path if Path(cfg_path).is_file() else str(root / cfg_path)
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_config(spec_config_path(spec.get("config", "configs/honesty.yaml")), overrides)
     return {"cfg": cfg, "layer_types": types, "methods": methods, "baselines": baselines,
             "out": Path(spec.get("out", "runs/sweep"))}
 
@@ -78,8 +77,10 @@ def _slug(pattern: str) -> str:
 
 def sweep(spec: dict, force: bool = False, log=print):
     """Run the sweep; return the Report (every layer type x method, plus the baselines)."""
-    from . import evaluate
     from .directions import fit_methods
+    from .evaluate.methods import Inputs, baseline_methods, pca_vectors, random_vectors, vector_method
+    from .evaluate.report import Report
+    from .evaluate.sweep import run_sweep, signal_notes
     from .pipeline import base
     from .probes import load_probe
 
@@ -90,7 +91,7 @@ def sweep(spec: dict, force: bool = False, log=print):
     model, tok, checksum, train_pairs, val_pairs = run.model, run.tokenizer, run.checksum, run.train_pairs, \
         run.val_pairs
     probes = [load_probe(k, cfg.eval, tok) for k in cfg.eval.probes]
-    report = evaluate.Report()
+    report = Report()
 
     def run_part(name: str, what: dict, make_methods):
         path = out / "parts" / f"{name}.json"
@@ -100,42 +101,39 @@ def sweep(spec: dict, force: bool = False, log=print):
             log(f"[sweep] {name}: reused {path}")
         else:
             log(f"[sweep] {name}")
-            r = evaluate.run_sweep(model, tok, make_methods(), probes, cfg.eval, log)
+            r = run_sweep(model, tok, make_methods(), probes, cfg.eval, log)
             part = {"what": what, "rows": r.rows, "summary": r.summary}
             write_json(path, part)
         report.rows.extend(part["rows"])
         report.summary.extend(part["summary"])
 
     if spec["baselines"]:
-        baselines = {"prompting": lambda: evaluate.prompting_method(model, cfg.data.positive, cfg.data.negative,
-                                                                    cfg.eval.prompt_template),
-                     "base": lambda: evaluate.base_method(model)}
-        run_part("baselines", {"baselines": spec["baselines"]}, lambda: [baselines[b]() for b in spec["baselines"]])
+        run_part("baselines", {"baselines": spec["baselines"]},
+                 lambda: baseline_methods(spec["baselines"], Inputs(model, tok, cfg, train_pairs=train_pairs)))
     for pattern in spec["layer_types"]:
         ltype = short_name(pattern)
 
         def methods(pattern=pattern, ltype=ltype):
             dcfg = dataclasses.replace(cfg.directions, candidates=[pattern])
             fitted = fit_methods(model, tok, train_pairs, val_pairs, dcfg, cfg.data.max_length, spec["methods"])
-            ms = [evaluate.vector_method(model, evaluate.pca_vectors(d), cfg.eval.coeffs, f"{ltype}:{name}")
+            ms = [vector_method(model, pca_vectors(d), cfg.eval.coeffs, f"{ltype}:{name}")
                   for name, d in fitted.items()]
-            ref = evaluate.pca_vectors(fitted.get("pca_diff", next(iter(fitted.values()))))
-            ms.append(evaluate.vector_method(model, evaluate.random_vectors(ref, cfg.train.seed), cfg.eval.coeffs,
-                                             f"{ltype}:random"))
+            ref = pca_vectors(fitted.get("pca_diff", next(iter(fitted.values()))))
+            ms.append(vector_method(model, random_vectors(ref, cfg.train.seed), cfg.eval.coeffs, f"{ltype}:random"))
             return ms
 
         run_part(_slug(pattern), {"pattern": pattern, "methods": spec["methods"]}, methods)
         checksum.verify(model, f"after the {ltype} sweep")
-    evaluate.signal_notes(report)
+    signal_notes(report)
     return report
 
 
 def write(report, out: Path, title: str, wandb_mode: str = "disabled", project: str = "contrastive-adapters"):
-    from . import evaluate
+    from .evaluate.report import log_wandb, write_report
 
-    paths = evaluate.write_report(report, out, title=title, plot_top=8)
+    paths = write_report(report, out, title=title, plot_top=8)
     if wandb_mode != "disabled":
-        evaluate.log_wandb(report, paths, project=project, name=out.name, mode=wandb_mode, folder=out)
+        log_wandb(report, paths, project=project, name=out.name, mode=wandb_mode, folder=out)
     return paths
 
 
@@ -151,8 +149,8 @@ def main(args) -> int:
         return 2
     title = f"Steering vectors: methods x layer types ({spec['cfg'].model.name})"
     paths = write(report, spec["out"], title, spec["cfg"].log.wandb, spec["cfg"].log.project)
-    from . import evaluate
+    from .evaluate.report import markdown
 
-    print(evaluate.markdown(report, title, rows=False))
+    print(markdown(report, title, rows=False))
     print(f"wrote {paths['md']}")
     return 0

@@ -5,7 +5,7 @@
 The evaluation sweep of a per-example kind (additive, LoRA, ETHER, the steering-vector
 baselines) runs every coefficient of eval.coeffs in the same forward passes (rows item-major,
 each row at its own c), and computes the decoder layers below the method's first steered
-layer once per item (``hidden.shared_prefix``). This times ``evaluate.score_method`` on the
+layer once per item (``hidden.shared_prefix``). This times ``evaluate.sweep.score_method`` on the
 default probes and the neutral text three ways, alternating (so a slow-down of the machine hits
 all): looped (one pass per coefficient), batched without the shared prefix, and batched with it
 (the evaluation's path), for the adapter kind of configs/<kind>.yaml with random non-zero
@@ -43,7 +43,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from adapters import evaluate
+    from adapters.evaluate.methods import adapter_method, vector_method
+    from adapters.evaluate.sweep import score_method
     from adapters.hidden import output_dim, resolve
     from adapters.probes import load_probe, neutral_texts
     from adapters.tuners import attach
@@ -61,8 +62,8 @@ def main() -> None:
     layers = resolve(model, ["model.layers.{N}"], [0.5, 0.55])  # the PCA vector's layers 15, 16
     dim = output_dim(model, layers[0])
     vectors = {l: torch.randn(dim, generator=g) * 2.0 for l in layers}
-    methods = {f"adapter ({args.kind})": evaluate.adapter_method(model, ev.coeffs),
-               "steering vector": evaluate.vector_method(model, vectors, ev.coeffs)}
+    methods = {f"adapter ({args.kind})": adapter_method(model, ev.coeffs),
+               "steering vector": vector_method(model, vectors, ev.coeffs)}
     items = sum(len(p.user) for p in probes)
     print(machine_line(model.dtype))
     print(f"model {args.model}; coefficients {ev.coeffs}; "
@@ -73,11 +74,11 @@ def main() -> None:
         paths = {"looped": dataclasses.replace(m, per_example=False), "batched": dataclasses.replace(m, prefix=0),
                  "shared": m}
         times, out = {k: [] for k in paths}, {}
-        evaluate.score_method(model, tok, m, probes[:1], neutral[:1], ev.batch_size)  # warm-up
+        score_method(model, tok, m, probes[:1], neutral[:1], ev.batch_size)  # warm-up
         for _ in range(args.repeats):
             for label, meth in paths.items():
                 t = time.perf_counter()
-                out[label] = evaluate.score_method(model, tok, meth, probes, neutral, ev.batch_size)
+                out[label] = score_method(model, tok, meth, probes, neutral, ev.batch_size)
                 times[label].append(time.perf_counter() - t)
         tl, tb, ts = (statistics.median(times[k]) for k in paths)
         dy = max(float(np.abs(out["looped"][0][k] - out[p][0][k]).max()) for k in out["looped"][0]

@@ -145,15 +145,16 @@ def test_train_py_exits_2_with_one_line_on_stderr(tiny_dir, tmp_path):
 def test_input_errors_share_one_base_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
     """Every input error a command reports is a UserError (caught once: message, exit 2); any
     other exception is a bug and propagates instead of turning into "error: ..."."""
-    from adapters import __main__ as cli, behaviour, checkpoint, config, data, directions, evaluate, export, hidden, \
-        inputs, io, peers, probes, run
+    from adapters import __main__ as cli, behaviour, checkpoint, config, data, directions, export, hidden, inputs, \
+        io, peers, probes, run
+    from adapters.evaluate.scoring import NonFiniteOutputs
     from adapters.errors import UserError
     from adapters.steer import CoefficientError
 
     reported = [config.ConfigError, inputs.InputError, data.PairsError, probes.ProbeError, hidden.LayerError,
                 directions.DirectionsError, models.ModelLoadError, run.RunError, checkpoint.CheckpointError,
                 CoefficientError, export.ExportError, behaviour.BehaviourError, peers.PeerError,
-                evaluate.NonFiniteOutputs, io.RowsError, io.FormatVersionError, io.DamagedFileError]
+                NonFiniteOutputs, io.RowsError, io.FormatVersionError, io.DamagedFileError]
     assert [c.__name__ for c in reported if not issubclass(c, UserError)] == []
 
     def fails(error):

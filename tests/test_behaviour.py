@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from adapters import behaviour as bh
 from adapters.config import BehaviourConfig, DataConfig, LossConfig, TrainConfig
 from adapters.data import PairsError, load_pairs
-from adapters.evaluate import shift_within, summarize
+from adapters.evaluate.metrics import shift_within, summarize
 from adapters.loss import (distill_target, distill_terms, kl_barrier, preference_terms, project, projection_terms,
                            support_logprobs)
 from conftest import make_pairs

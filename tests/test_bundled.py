@@ -1,7 +1,7 @@
 """Real behaviour on the bundled SmolLM2-135M-Instruct (fp32, CPU).
 
 Reference directions from 32 built-in pairs (8 more pick the loss layers), a LoRA trained for
-10 steps, then measured on 16 held-out pairs with ``evaluate.held_out_separation``:
+10 steps, then measured on 16 held-out pairs with ``evaluate.sweep.held_out_separation``:
 
 * shift = mean (h^c - h^0)·v / s over both members: what the shift term trains. With the
   default loss it must move with the sign of c: shift(+1) > 0 > shift(-1)
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from adapters import directions as dirs
 from adapters.config import AdapterConfig, DataConfig, DirectionsConfig, LossConfig, TrainConfig
 from adapters.data import PairCollator, encode_pairs, load_pairs
-from adapters.evaluate import held_out_separation
+from adapters.evaluate.sweep import held_out_separation
 from adapters.models import BaseChecksum, base_fingerprint
 from adapters.module import ContrastiveModule
 from adapters.tuners import attach
@@ -137,7 +137,7 @@ def test_default_recipe_moves_self_report_both_ways(bundled, bundled_directions)
 
     from adapters import behaviour as bh
     from adapters.config import BehaviourConfig, EvalConfig, load_config
-    from adapters.evaluate import probe_scores
+    from adapters.evaluate.scoring import probe_scores
     from adapters.probes import load_probe
 
     model, tok = bundled
@@ -158,7 +158,7 @@ def test_default_recipe_moves_self_report_both_ways(bundled, bundled_directions)
         L.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
                   enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0).fit(system, loader)
         probe = load_probe("self_report", EvalConfig(self_report="builtin:select"), tok)
-        from adapters.evaluate import adapter_method
+        from adapters.evaluate.methods import adapter_method
 
         m = adapter_method(peft_model, COEFFS)
         y, _ = probe_scores(peft_model, tok, probe, list(COEFFS),

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import adapters.directions
-import adapters.evaluate
+import adapters.evaluate.sweep
 import adapters.run
 from adapters import hidden
 from adapters.models import BaseModelChanged
@@ -61,14 +61,14 @@ def test_one_changed_element_is_caught_and_named(point, tiny_dir, tmp_path, monk
         run = Path(pipeline.main(["--config", str(path)]))
         patch_after(monkeypatch, adapters.run, "load_adapter", tensor)
         with pytest.raises(BaseModelChanged) as err:
-            adapters.run.load_run(run, device="cpu")
+            pipeline.load_run(run, device="cpu")
     else:
         if point == "direction extraction":
             patch_after(monkeypatch, adapters.directions, "compute", tensor)
         elif point == "training step":  # after the first optimiser step (in the step, autograd would object)
             patch_after(monkeypatch, ContrastiveModule, "on_train_batch_end", tensor, model_arg=lambda a: a[0].model)
         elif point == "evaluation":
-            patch_after(monkeypatch, adapters.evaluate, "evaluate_run", tensor)
+            patch_after(monkeypatch, adapters.evaluate.sweep, "evaluate_run", tensor)
         else:
             patch_after(monkeypatch, adapters.run, "save_adapter", tensor, model_arg=lambda a: a[1].model)
         with pytest.raises(BaseModelChanged) as err:

@@ -183,17 +183,15 @@ def test_choices_equal_their_registries():
     import ast
     import inspect
 
-    from adapters import config, directions, evaluate, peers, probes
+    from adapters import config, directions, peers, probes
+    from adapters.evaluate import methods
 
     assert list(config.ADAPTER_KINDS) == list(KINDS)
     assert config.QUANTIZED_KINDS == tuple(kind for kind, cls in KINDS.items() if cls.quantizable)
     assert config.DIRECTION_METHODS == directions.METHODS
     assert probes.PROBE_KINDS is config.PROBE_KINDS
-    ours = set(config.BASELINES) - set(peers.PEERS)
-    assert set(peers.PEERS) <= set(config.BASELINES)
-    handled = {node.comparators[0].value for node in ast.walk(ast.parse(inspect.getsource(evaluate.baseline_methods)))
-               if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "name"}
-    assert ours == handled
+    assert sorted(config.BASELINES) == sorted([*methods.BASELINES, *peers.PEERS])
+    assert set(methods.NEEDS_DIRECTIONS) <= set(methods.BASELINES)
     imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(config)))
                 if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert imported <= {"errors", "io"}, imported
@@ -213,3 +211,13 @@ def test_train_help_lists_every_key_with_its_default_and_doc(capsys):
         for f in dataclasses.fields(getattr(Config(), section.name)):
             assert f"  --{section.name}.{f.name} " in out, f"{section.name}.{f.name} missing from --help"
     assert "--loss.nll_margin 0.1\n      τ: per-token NLL increase over the base allowed for free (nats)." in out
+
+
+def test_pyproject_ships_every_package():
+    """An installed (non-editable) copy has every package folder, or its imports fail there."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = [".".join(p.parent.relative_to(root).parts) for p in (root / "adapters").rglob("__init__.py")]
+    assert sorted(listed) == sorted(found)

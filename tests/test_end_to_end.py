@@ -195,7 +195,7 @@ def test_files_from_another_format_version_are_refused(lora_run, tmp_path):
     from adapters.config import ConfigError
     from adapters.directions import Directions
     from adapters.io import FormatVersionError
-    from adapters.run import load_run
+    from adapters.pipeline import load_run
 
     run_dir, _ = lora_run
     old = tmp_path / "old-run"

@@ -14,9 +14,15 @@ import torch
 import yaml
 
 from adapters import __main__ as cli
-from adapters import evaluate
 from adapters.config import EvalConfig
-from adapters.probes import load_probe
+from adapters.evaluate.methods import (Method, adapter_method, base_method, pca_vectors, prompting_method,
+                                       random_vectors, vector_method)
+from adapters.evaluate.metrics import bootstrap_ci, summarize
+from adapters.evaluate.report import Report, write_report
+from adapters.evaluate.scoring import NonFiniteOutputs, probe_scores
+from adapters.evaluate import sweep
+from adapters.evaluate.sweep import run_sweep, score_method
+from adapters.probes import ContinuationProbe, Probe, load_probe
 from adapters import pipeline
 from conftest import attach_random, tiny_config
 
@@ -26,7 +32,7 @@ from conftest import attach_random, tiny_config
 def test_a_perfect_line_has_r2_one_and_the_score_formula():
     c = [-2.0, -1.0, 0.0, 1.0, 2.0]
     y = [1.0 + 0.5 * x for x in c]
-    s = evaluate.summarize(c, y, [True] * 5, np.array([0.5, 1.0, 1.5]))
+    s = summarize(c, y, [True] * 5, np.array([0.5, 1.0, 1.5]))
     assert s["slope"] == pytest.approx(0.5) and s["r2"] == pytest.approx(1.0)
     assert s["valid_frac"] == 1.0 and s["p_value"] < 1e-6
     assert s["score"] == pytest.approx(0.5 * 1.0 * 1.0 ** 2)
@@ -38,7 +44,7 @@ def test_an_invalid_coefficient_lowers_valid_frac_and_leaves_the_fit():
     c = [-2.0, -1.0, 0.0, 1.0, 2.0]
     y = [-4.0, -1.0, 0.0, 1.0, 99.0]  # c = -2 off the line but valid; c = +2 broken (invalid)
     valid = [True, True, True, True, False]
-    s = evaluate.summarize(c, y, valid, np.array([0.0, 2.0]))
+    s = summarize(c, y, valid, np.array([0.0, 2.0]))
     assert s["valid_frac"] == pytest.approx(0.8)
     # the line through (-2,-4), (-1,-1), (0,0), (1,1): slope 1.6, r2 = 0.914...
     fit = np.polyfit([-2, -1, 0, 1], [-4, -1, 0, 1], 1)
@@ -50,17 +56,17 @@ def test_an_invalid_coefficient_lowers_valid_frac_and_leaves_the_fit():
 
 
 def test_fewer_than_three_valid_points_have_no_fit():
-    s = evaluate.summarize([-1.0, 0.0, 1.0], [0.0, 1.0, 2.0], [False, True, True], np.array([1.0, 1.0]))
+    s = summarize([-1.0, 0.0, 1.0], [0.0, 1.0, 2.0], [False, True, True], np.array([1.0, 1.0]))
     assert math.isnan(s["slope"]) and math.isnan(s["score"]) and s["valid_frac"] == pytest.approx(2 / 3)
-    base = evaluate.summarize([0.0], [0.3], [True], np.array([0.3, 0.4]))
+    base = summarize([0.0], [0.3], [True], np.array([0.3, 0.4]))
     assert math.isnan(base["slope"]) and base["min"] == base["max"] == 0.3
 
 
 def test_bootstrap_interval():
     x = np.random.default_rng(0).normal(2.0, 1.0, size=400)
-    lo, hi = evaluate.bootstrap_ci(x, n_boot=2000)
+    lo, hi = bootstrap_ci(x, n_boot=2000)
     assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)  # ± 1.96 σ/√n
-    assert all(math.isnan(v) for v in evaluate.bootstrap_ci(np.array([1.0])))
+    assert all(math.isnan(v) for v in bootstrap_ci(np.array([1.0])))
 
 
 def test_the_sweep_applies_the_validity_rule(monkeypatch):
@@ -69,11 +75,11 @@ def test_the_sweep_applies_the_validity_rule(monkeypatch):
     y = np.array([[-1.0, -3.0], [0.0, 2.0], [1.0, 3.0], [5.0, 5.0]])  # (coeff, item)
     mass = np.array([[0.4, 0.4], [0.5, 0.5], [0.3, 0.3], [0.5, 0.5]])  # 0.8, 1, 0.6, 1 of the base
     nll = np.array([2.0, 2.0, 2.5, 3.5])  # ΔNLL 0, 0, 0.5, 1.5
-    monkeypatch.setattr(evaluate, "score_method", lambda *a, **k: ({"p": y}, {"p": mass}, nll))
-    monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
-    probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    monkeypatch.setattr(sweep, "score_method", lambda *a, **k: ({"p": y}, {"p": mass}, nll))
+    monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
+    probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, mass_ratio=0.7, max_dnll=1.0, n_boot=100)
-    rep = evaluate.run_sweep(None, None, [evaluate.Method("m", coeffs)], [probe], cfg, log=lambda *_: None)
+    rep = run_sweep(None, None, [Method("m", coeffs)], [probe], cfg, log=lambda *_: None)
     rows = {r["coeff"]: r for r in rep.rows}
     assert [rows[c]["valid"] for c in coeffs] == [True, True, False, False]  # mass 0.6 < 0.7; ΔNLL 1.5 > 1
     assert rows[1.0]["mass_ratio"] == pytest.approx(0.6) and rows[2.0]["dnll"] == pytest.approx(1.5)
@@ -97,13 +103,13 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
                 np.array([2.0 + dnll(c) for c in cs]))
 
     calls = []
-    monkeypatch.setattr(evaluate, "score_method", fake_score)
-    monkeypatch.setattr(evaluate, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: calls.append(c) or dnll(c))
-    monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
-    probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    monkeypatch.setattr(sweep, "score_method", fake_score)
+    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: calls.append(c) or dnll(c))
+    monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
+    probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=4, shift_reach=4.0)
-    methods = [evaluate.Method("m", coeffs, scalable=True), evaluate.Method("prompting", [-1.0, 0.0, 1.0])]
-    rep = evaluate.run_sweep(None, None, methods, [probe], cfg, log=lambda *_: None)
+    methods = [Method("m", coeffs, scalable=True), Method("prompting", [-1.0, 0.0, 1.0])]
+    rep = run_sweep(None, None, methods, [probe], cfg, log=lambda *_: None)
     s = {r["method"]: r for r in rep.summary}
     assert 0.97 * 30 ** 0.5 <= s["m"]["c_up"] <= 30 ** 0.5 and s["m"]["shift_up"] == s["m"]["c_up"]  # y = c
     assert 0.9 * 0.015 <= -s["m"]["c_down"] <= 0.015 * (1 + 1e-9)
@@ -126,12 +132,12 @@ def test_the_budget_search_stops_where_the_outputs_break(monkeypatch):
         cs = np.array(m.coeffs)
         return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, np.array([2.0 + dnll(c) for c in cs]))
 
-    monkeypatch.setattr(evaluate, "score_method", fake_score)
-    monkeypatch.setattr(evaluate, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: dnll(c))
-    monkeypatch.setattr(evaluate, "neutral_texts", lambda *a: ["x"])
-    probe = evaluate.Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    monkeypatch.setattr(sweep, "score_method", fake_score)
+    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: dnll(c))
+    monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
+    probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
-    rep = evaluate.run_sweep(None, None, [evaluate.Method("m", coeffs, scalable=True)], [probe], cfg,
+    rep = run_sweep(None, None, [Method("m", coeffs, scalable=True)], [probe], cfg,
                              log=lambda *_: None)
     assert max(abs(c) for c in scored) <= 6
     assert all(math.isfinite(r["dnll"]) for r in rep.rows)
@@ -145,13 +151,13 @@ def test_the_sweep_names_the_coefficient_where_outputs_are_not_finite(tiny):
     coefficients, not a report of NaN."""
     model, tok = tiny
     layer = "model.layers.1"
-    m = evaluate.vector_method(model, {layer: torch.full((model.config.hidden_size,), 1e38)}, [-4.0, -1.0, 0.0, 1.0, 4.0],
+    m = vector_method(model, {layer: torch.full((model.config.hidden_size,), 1e38)}, [-4.0, -1.0, 0.0, 1.0, 4.0],
                                name="huge")
-    y, _, _ = evaluate.score_method(model, tok, dataclasses.replace(m, coeffs=[-1.0, 0.0, 1.0]), [_probe(tok)], None)
+    y, _, _ = score_method(model, tok, dataclasses.replace(m, coeffs=[-1.0, 0.0, 1.0]), [_probe(tok)], None)
     assert np.isfinite(y["self_report"]).all()
-    with pytest.raises(evaluate.NonFiniteOutputs, match=r"huge: the model's outputs are not finite at coefficient "
+    with pytest.raises(NonFiniteOutputs, match=r"huge: the model's outputs are not finite at coefficient "
                                                         r"-4, \+4; sweep smaller coefficients"):
-        evaluate.run_sweep(model, tok, [m], [_probe(tok)], EvalConfig(coeffs=m.coeffs, n_boot=10),
+        run_sweep(model, tok, [m], [_probe(tok)], EvalConfig(coeffs=m.coeffs, n_boot=10),
                            log=lambda *_: None)
 
 
@@ -171,11 +177,11 @@ def test_batched_sweep_equals_the_coefficient_loop(tiny, kind, depth, prefix):
     model, adapter = attach_random(model, kind, std=0.3, depth=depth)
     assert adapter.per_example
     probes, neutral = [_probe(tok)], ["A short neutral paragraph about rivers.", "Trees grow slowly."]
-    m = evaluate.adapter_method(model, [-1.0, 0.0, 0.5, 2.0])
+    m = adapter_method(model, [-1.0, 0.0, 0.5, 2.0])
     assert m.per_example and m.prefix == prefix  # follows the adapted layers
-    looped = evaluate.Method(m.name, m.coeffs, m.context, per_example=False)
-    y_b, mass_b, nll_b = evaluate.score_method(model, tok, m, probes, neutral, batch_size=2)
-    y_l, mass_l, nll_l = evaluate.score_method(model, tok, looped, probes, neutral, batch_size=2)
+    looped = Method(m.name, m.coeffs, m.context, per_example=False)
+    y_b, mass_b, nll_b = score_method(model, tok, m, probes, neutral, batch_size=2)
+    y_l, mass_l, nll_l = score_method(model, tok, looped, probes, neutral, batch_size=2)
     assert y_b["self_report"].shape == (4, 3)
     np.testing.assert_allclose(y_b["self_report"], y_l["self_report"], atol=2e-5)
     np.testing.assert_allclose(mass_b["self_report"], mass_l["self_report"], atol=2e-6)
@@ -186,30 +192,55 @@ def test_batched_sweep_equals_the_coefficient_loop(tiny, kind, depth, prefix):
 def test_a_kind_without_per_example_coefficients_loops(tiny):
     model, tok = tiny
     model, _ = attach_random(model, "road", std=0.3)
-    m = evaluate.adapter_method(model, [-1.0, 0.0, 1.0])
+    m = adapter_method(model, [-1.0, 0.0, 1.0])
     assert not m.per_example
-    y, _, nll = evaluate.score_method(model, tok, m, [_probe(tok)], ["Some text."], batch_size=4)
+    y, _, nll = score_method(model, tok, m, [_probe(tok)], ["Some text."], batch_size=4)
     assert y["self_report"].shape == (3, 3) and nll.shape == (3,)
+
+
+def test_the_probe_type_is_chosen_once_at_load_and_both_types_agree_on_one_token_answers(tiny, tmp_path):
+    """facts with one-token answers load as a next-token Probe (token ids), with longer answers as
+    a ContinuationProbe (strings); scored both ways, one-token answers give the same y."""
+    model, tok = tiny
+    rows = [{"prefix": "The capital of France is", "true": " Paris", "false": " Rome"},
+            {"prefix": "Water freezes at", "true": " zero", "false": " ten"}]
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({**r, "true": r["true"] + " degrees"}) + "\n" for r in rows))
+    short = load_probe("facts", EvalConfig(facts=str(one)), tok)
+    long = load_probe("facts", EvalConfig(facts=str(many)), tok)
+    assert type(short) is Probe and short.pos == [tok.encode(" Paris", add_special_tokens=False),
+                                                  tok.encode(" zero", add_special_tokens=False)]
+    assert type(long) is ContinuationProbe and long.pos == [" Paris degrees", " zero degrees"]
+    as_text = ContinuationProbe(short.kind, short.user, short.prefix, [r["true"] for r in rows],
+                                [r["false"] for r in rows])
+    y_ids, mass_ids = probe_scores(model, tok, short, [0.0])
+    y_text, mass_text = probe_scores(model, tok, as_text, [0.0])
+    torch.testing.assert_close(y_ids, y_text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mass_ids, mass_text, atol=1e-6, rtol=0)
+    y_long, _ = probe_scores(model, tok, long, [0.0])
+    assert y_long.shape == (1, 2) and not torch.allclose(y_long, y_text)
 
 
 def test_baselines_vectors_prompting_base(tiny, tiny_directions):
     model, tok = tiny
-    pca = evaluate.pca_vectors(tiny_directions)
-    rnd = evaluate.random_vectors(pca, seed=3)
+    pca = pca_vectors(tiny_directions)
+    rnd = random_vectors(pca, seed=3)
     for layer, v in pca.items():
         assert rnd[layer].norm() == pytest.approx(float(v.norm()), rel=1e-5)
         assert abs(float(torch.nn.functional.cosine_similarity(rnd[layer], v, dim=0))) < 0.9
-    assert all(torch.equal(a, b) for a, b in zip(rnd.values(), evaluate.random_vectors(pca, seed=3).values()))
+    assert all(torch.equal(a, b) for a, b in zip(rnd.values(), random_vectors(pca, seed=3).values()))
     probes, neutral = [_probe(tok)], ["Rivers run to the sea."]
-    vec = evaluate.vector_method(model, pca, [-1.0, 0.0, 1.0])
-    y, _, _ = evaluate.score_method(model, tok, vec, probes, neutral, batch_size=4)
-    base = evaluate.base_method(model)
-    y0, _, _ = evaluate.score_method(model, tok, base, probes, neutral)
+    vec = vector_method(model, pca, [-1.0, 0.0, 1.0])
+    y, _, _ = score_method(model, tok, vec, probes, neutral, batch_size=4)
+    base = base_method(model)
+    y0, _, _ = score_method(model, tok, base, probes, neutral)
     np.testing.assert_allclose(y["self_report"][1], y0["self_report"][0], atol=1e-5)  # c = 0 is the base
-    prompt = evaluate.prompting_method(model, "an honest", "a dishonest")
-    yp, _, _ = evaluate.score_method(model, tok, prompt, probes, neutral)
-    looped = evaluate.Method("p", prompt.coeffs, prompt.context, prompt.system, per_example=False)
-    yl, _, _ = evaluate.score_method(model, tok, looped, probes, neutral)
+    prompt = prompting_method(model, "an honest", "a dishonest")
+    yp, _, _ = score_method(model, tok, prompt, probes, neutral)
+    looped = Method("p", prompt.coeffs, prompt.context, prompt.system, per_example=False)
+    yl, _, _ = score_method(model, tok, looped, probes, neutral)
     np.testing.assert_allclose(yp["self_report"], yl["self_report"], atol=2e-5)
     np.testing.assert_allclose(yp["self_report"][1], y0["self_report"][0], atol=1e-5)
 
@@ -218,9 +249,9 @@ def test_report_files(tmp_path):
     rows = [{"method": m, "probe": "p", "coeff": c, "mean_y": s * c, "ci_low": s * c - 0.1, "ci_high": s * c + 0.1,
              "honest_rate": 0.5, "mass": 0.4, "mass_ratio": 1.0, "dnll": 0.0, "valid": True}
             for m, s in (("weak", 0.5), ("strong", 2.0)) for c in (-1.0, 0.0, 1.0)]
-    summary = [{"method": m, "probe": "p", **evaluate.summarize([-1, 0, 1], [-s, 0, s], [True] * 3, np.array([0, 1]))}
+    summary = [{"method": m, "probe": "p", **summarize([-1, 0, 1], [-s, 0, s], [True] * 3, np.array([0, 1]))}
                for m, s in (("weak", 0.5), ("strong", 2.0))]
-    paths = evaluate.write_report(evaluate.Report(rows, summary), tmp_path, "T", plot_top=1)
+    paths = write_report(Report(rows, summary), tmp_path, "T", plot_top=1)
     table = paths["csv"].read_text().splitlines()
     assert table[0] == ("probe,method,slope,r2,valid_frac,effect_size,p_value,score,min,max,monotone,dnll_m1,dnll_p1,"
                         "shift_up,shift_down,c_up,c_down")
@@ -298,6 +329,12 @@ def test_sweep_config_errors(tmp_path, capsys):
     assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err
     assert "unknown direction methods ['pca_dif']" in err and "pca_diff" in err
+    # the per-layer-type vectors are the sweep's own rows; the other baselines come from the registry
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"layer_types": ["model.layers.{N}"], "methods": ["pca_diff"],
+                                                     "baselines": ["prompting", "pca_vector", "pyreft"]}))
+    assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml")]) == 2
+    assert "sweep baselines may be prompting, base, repeng, steering_vectors; got ['pca_vector', 'pyreft']" in \
+        capsys.readouterr().err
 
 
 def test_vector_method_puts_each_vector_at_its_own_layer_whatever_the_order():
@@ -316,7 +353,7 @@ def test_vector_method_puts_each_vector_at_its_own_layer_whatever_the_order():
     ids = torch.randint(0, 64, (2, 5))
     outs = []
     for vec in (vectors, text_order):
-        m = evaluate.vector_method(model, vec, [0.0, 1.0], "peer")
+        m = vector_method(model, vec, [0.0, 1.0], "peer")
         seen = {}
 
         def record():  # registered after the steering hooks, so it sees their result

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapters import hidden, peers
-from adapters.evaluate import Method, vector_method
+from adapters.evaluate.methods import Method, peer_method, vector_method
 from adapters.models import BaseChecksum
 from conftest import logits, make_batch, make_pairs
 
@@ -35,7 +35,7 @@ def trained(tiny_dir):
     checksum = BaseChecksum(model)
     batch = make_batch(tok, 2, start=40)
     before = logits(model, batch)
-    methods = {name: peers.peer_method(name, model, tok, make_pairs(N_PAIRS), [-1.0, 0.0, 1.0]) for name in peers.PEERS}
+    methods = {name: peer_method(name, model, tok, make_pairs(N_PAIRS), [-1.0, 0.0, 1.0]) for name in peers.PEERS}
     after = (_state(model), set(peers._foreign_hooks(model)), logits(model, batch))
     model.eval()
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
@@ -149,7 +149,7 @@ def test_layers_argument(trained):
 def test_missing_and_unknown_peers(monkeypatch, trained):
     model, tok = trained["model"], trained["tok"]
     with pytest.raises(peers.PeerError, match=r"unknown peer baseline 'pyreft'.*'repeng', 'steering_vectors'"):
-        peers.peer_method("pyreft", model, tok, make_pairs(2), [1.0])
+        peer_method("pyreft", model, tok, make_pairs(2), [1.0])
     real = builtins.__import__
 
     def missing(name, *a, **k):
@@ -162,7 +162,7 @@ def test_missing_and_unknown_peers(monkeypatch, trained):
         monkeypatch.delitem(sys.modules, name, raising=False)
         with pytest.raises(peers.PeerError, match=rf"peer baseline '{name}' needs the optional extra: "
                                                   r"pip install -e '\.\[peers\]'"):
-            peers.peer_method(name, model, tok, make_pairs(2), [1.0])
+            peer_method(name, model, tok, make_pairs(2), [1.0])
     assert issubclass(peers.PeerError, ValueError)
 
 

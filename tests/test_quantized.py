@@ -184,7 +184,7 @@ def test_train_py_on_a_quantized_base(tiny_dir, tokenizer, tmp_path, kind, quant
 def test_load_run_uses_the_runs_quantization(tiny_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from adapters.run import load_run
+    from adapters.pipeline import load_run
 
     run_dir = run_train(tiny_dir, tmp_path, "lora", model={"quantization": "4bit"}, name="q-load-run")
     model, _ = load_run(run_dir, device="cpu")

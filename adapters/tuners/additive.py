@@ -22,11 +22,11 @@ class AdditiveAdapter(Adapter):
     exact_inverse = True
     per_example = True
 
-    def __init__(self, model, cfg: AdapterConfig, layers: list[str], dim: int):
+    def __init__(self, model, cfg: AdapterConfig, targets: list[str], dim: int):
         super().__init__(model, cfg)
-        self.layers = list(layers)
+        self.targets = list(targets)
         self.additive_vectors = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.zeros(dim, dtype=torch.float32)) for n in self.layers})
+            {_key(n): nn.Parameter(torch.zeros(dim, dtype=torch.float32)) for n in self.targets})
 
     @classmethod
     def attach(cls, model, cfg: AdapterConfig, directions=None):
@@ -38,18 +38,15 @@ class AdditiveAdapter(Adapter):
                 raise ValueError("adapter.init=directions needs reference directions")
             adapter.init_from(directions)
         adapter.bind(model)
-        adapter.edit_modules(adapter.layers, "output")
+        adapter.edit_modules(adapter.targets, "output")
         return model, adapter
 
     @torch.no_grad()
     def init_from(self, directions) -> None:
         """Start each vector at the reference direction times its separation scale (where known)."""
-        for name in self.layers:
+        for name in self.targets:
             if name in directions.vectors:
                 self.additive_vectors[_key(name)].copy_(directions.vectors[name][0] * directions.scale[name])
-
-    def steered_modules(self) -> list[str]:
-        return list(self.layers)
 
     def vector(self, name: str) -> torch.Tensor:
         return self.additive_vectors[_key(name)]
@@ -58,12 +55,12 @@ class AdditiveAdapter(Adapter):
         return list(self.additive_vectors.values())
 
     def state_tensors(self):
-        return {f"additive_vectors.{_key(n)}": self.vector(n) for n in self.layers}
+        return {f"additive_vectors.{_key(n)}": self.vector(n) for n in self.targets}
 
     def load_state_tensors(self, tensors):
         self._check_keys(tensors)
         with torch.no_grad():
-            for n in self.layers:
+            for n in self.targets:
                 self.vector(n).copy_(tensors[f"additive_vectors.{_key(n)}"])
 
     def edit(self, module: nn.Module, name: str, h: torch.Tensor, c) -> torch.Tensor:
@@ -76,7 +73,7 @@ class AdditiveAdapter(Adapter):
         """``h + c·w`` becomes a bias on the Linear that produces ``h`` (a decoder layer's
         residual output -> its mlp.down_proj). A model without biases there needs its config
         flag (Llama's ``mlp_bias`` / ``attention_bias``), which adds zero biases to the family."""
-        for name in self.layers:
+        for name in self.targets:
             lin_name = _producer(target, name)
             lin = hidden.get_module(target, lin_name)
             if lin.bias is None:

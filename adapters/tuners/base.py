@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
+from ..errors import UserError
 
 ATTR = "_contrastive_adapter"
 
@@ -44,6 +45,11 @@ def attached_adapter(model: nn.Module) -> "Adapter":
         raise ValueError("this model has no contrastive adapter attached; load one with "
                          "adapters.load_run(run_dir) or attach one with adapters.tuners.attach")
     return adapter
+
+
+class CoefficientError(UserError):
+    """A coefficient that is not a finite number, beyond ``steer.MAX_COEFF``, or one per row for a
+    batch of another size."""
 
 
 class Steering(NamedTuple):
@@ -275,7 +281,5 @@ def _check_rows(c, args, kwargs) -> None:
     x = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]) if torch.is_tensor(v)),
              None)
     if x is not None and x.shape[0] != c.numel():
-        from ..steer import CoefficientError
-
         raise CoefficientError(f"{c.numel()} per-example coefficients for a batch of {x.shape[0]} rows; "
                                "give one value per row, or one value for all")
