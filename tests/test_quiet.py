@@ -1,0 +1,56 @@
+"""The libraries' expected messages are silenced one by one: each exact message from its own
+module, and nothing else from that module or of that category."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from adapters import quiet
+
+
+def _shown(emit, install: bool = True) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if install:
+            quiet.install()
+        emit()
+    return [str(w.message) for w in seen]
+
+
+def test_the_real_library_warnings_are_silenced(tiny):
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    model, _ = tiny
+    for emit in (lambda: model.is_gradient_checkpointing, lambda: _tree_flatten(1.0)):  # peft's trigger, Lightning's
+        assert len(_shown(emit, install=False)) == 1
+        assert _shown(emit) == []
+    # the same category from our code, and another message from the same module, still show
+    assert _shown(lambda: warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)) != []
+    other = "`use_cache=True` is incompatible with gradient checkpointing"
+    assert _shown(lambda: warnings.warn_explicit(other, FutureWarning, "modeling_utils.py", 1,
+                                                 module="transformers.modeling_utils")) == [other]
+
+
+def test_every_entry_drops_its_message_and_only_it(caplog):
+    for message, category, module, why in quiet.WARNINGS:
+        assert why
+        text = {r"`is_gradient_checkpointing` is deprecated": "`is_gradient_checkpointing` is deprecated and will "
+                "be removed in v6. Use `is_activation_checkpointing` instead.",
+                r"Found \d+ module\(s\) in eval mode at the start of training": "Found 397 module(s) in eval mode "
+                "at the start of training. This may lead to unexpected behavior during training.",
+                r"`isinstance\(treespec, LeafSpec\)` is deprecated": "`isinstance(treespec, LeafSpec)` is "
+                "deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."}[message]
+        mod = module.replace("\\", "")
+        assert _shown(lambda: warnings.warn_explicit(text, category, "f.py", 1, module=mod)) == []
+        assert _shown(lambda: warnings.warn_explicit("something else", category, "f.py", 1, module=mod)) != []
+        assert _shown(lambda: warnings.warn_explicit(text, category, "f.py", 1, module="adapters.module")) != []
+    quiet.install()
+    quiet.install()  # twice: one filter per logger and message
+    for name, start, why in quiet.LOG_RECORDS:
+        assert why and sum(isinstance(f, quiet._Drop) for f in logging.getLogger(name).filters) == 1
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            logging.getLogger(name).warning(start + " and the rest of the message: %s", "detail")
+            logging.getLogger(name).warning("another message")
+        assert [r.getMessage() for r in caplog.records] == ["another message"]
