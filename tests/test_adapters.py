@@ -71,7 +71,7 @@ def test_first_order_antisymmetry(tiny, batch, kind):
 
 def _additive_updates(model, adapter, batch, c):
     """Per adapted module: (output after the adapter's edit) - (output before it), at c."""
-    layers = adapter.layers
+    layers = adapter.targets
     pre, handles = {}, []
     for n in layers:  # prepended: runs before the adapter's own hook (registered at attach)
         def save(_mod, _inp, out, n=n):
@@ -107,7 +107,7 @@ def test_additive_exact_mirror(tiny, batch):
     up = _additive_updates(model, adapter, batch, 1.0)
     down = _additive_updates(model, adapter, batch, -1.0)
     half = _additive_updates(model, adapter, batch, 0.5)
-    for n in adapter.layers:
+    for n in adapter.targets:
         w = adapter.vector(n).detach()
         # h <- h + c·w: the update is c·w at every position, exactly linear in c
         torch.testing.assert_close(up[n], w.expand_as(up[n]), rtol=0, atol=1e-6)
@@ -358,7 +358,7 @@ def test_additive_init_from_directions_saves_and_loads(tiny, tiny_dir, tiny_dire
     model, _ = tiny
     d = tiny_directions
     model, adapter = attach(model, tiny_adapter_cfg("additive", init="directions"), d)
-    for n in adapter.layers:  # starts at the PCA steering vector v_l · s_l
+    for n in adapter.targets:  # starts at the PCA steering vector v_l · s_l
         torch.testing.assert_close(adapter.vector(n).detach(), d.v(n) * d.scale[n])
     with steer(model, 1.0):
         want = logits(model, batch)

@@ -148,7 +148,7 @@ def test_control_vector_gguf_round_trip(tiny, tmp_path):
     vectors, meta = export.read_control_vector(path)
     assert meta == {"arch": "controlvector", "model_hint": "llama", "layer_count": 3}
     assert sorted(vectors) == [1, 2, 3]  # direction.N = output of model.layers.N
-    for n in adapter.layers:
+    for n in adapter.targets:
         torch.testing.assert_close(vectors[hidden.layer_index(n)], -2.0 * adapter.vector(n).detach(), rtol=0, atol=0)
 
 
