@@ -223,8 +223,10 @@ class AdapterConfig:
 @dataclass
 class LossConfig:
     """The default is ReprPO with a linear target + NLL margin + persona-contrast distillation +
-    signed preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; configs/recipes/ holds the
-    card's pure ReprPO loss and each behaviour term alone (README, "Loss")."""
+    signed preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; the main job
+    (configs/honesty.yaml) trains the behaviour terms without the ReprPO ones
+    (configs/recipes/behaviour_contrast.yaml); configs/recipes/ holds the card's pure ReprPO loss
+    and each behaviour term alone (README, "Loss")."""
 
     w_contrast: float = 1.0
     """Weight of the ReprPO contrast term (separate pos from neg along v)."""
