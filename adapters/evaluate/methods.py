@@ -51,9 +51,10 @@ def has_adapter(model) -> bool:
     return ATTR in model.__dict__
 
 
-def _adapter_off(model):
-    """The model's own adapter at 0 (if it has one), for the baselines."""
-    return (lambda c: steer(model, 0.0)) if has_adapter(model) else None
+def adapter_off(model):
+    """A block in which the model's own adapter (if it has one) is at 0: the base model, for the
+    baselines."""
+    return steer(model, 0.0) if has_adapter(model) else contextlib.nullcontext()
 
 
 def adapter_method(model, coeffs, name="adapter") -> Method:
@@ -78,7 +79,7 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
     @contextlib.contextmanager
     def ctx(c):  # the vectors' hooks live only in the block (the model's own hooks belong to its adapter)
         edits = {n: (lambda h, n=n: vec.edit(None, n, h, c)) for n in vec.targets}
-        with steer(model, 0.0) if has_adapter(model) else contextlib.nullcontext(), hidden.hooks(model, edits):
+        with adapter_off(model), hidden.hooks(model, edits):
             yield
 
     return Method(name, list(coeffs), context=ctx, per_example=True, scalable=True,
@@ -88,13 +89,13 @@ def vector_method(model, vectors: dict[str, torch.Tensor], coeffs, name="pca_vec
 def prompting_method(model, positive: str, negative: str, template: str = "You are {persona} person.") -> Method:
     """Persona system prompts as c = -1 / 0 / +1 (the published baseline steering must beat)."""
     systems = {-1.0: template.format(persona=negative), 0.0: "", 1.0: template.format(persona=positive)}
-    return Method("prompting", [-1.0, 0.0, 1.0], context=_adapter_off(model), system=lambda c: systems[float(c)],
-                  per_example=True)
+    return Method("prompting", [-1.0, 0.0, 1.0], context=lambda c: adapter_off(model),
+                  system=lambda c: systems[float(c)], per_example=True)
 
 
 def base_method(model) -> Method:
     """The unsteered base model: one row at c = 0."""
-    return Method("base", [0.0], context=_adapter_off(model), per_example=True)
+    return Method("base", [0.0], context=lambda c: adapter_off(model), per_example=True)
 
 
 def pca_vectors(directions, layers=None) -> dict[str, torch.Tensor]:
@@ -121,7 +122,7 @@ def peer_method(name: str, model, tokenizer, pairs, coeffs, layers: list[int] | 
     from ..hidden import base_model_of
     from ..peers import peer_vectors
 
-    with steer(model, 0.0) if has_adapter(model) else contextlib.nullcontext():
+    with adapter_off(model):
         vectors = peer_vectors(name, base_model_of(model), tokenizer, pairs, layers, cache, log)
     return vector_method(model, vectors, coeffs, name)
 
@@ -147,7 +148,7 @@ def _pca(x: Inputs) -> Method:
 def _mean_diff(x: Inputs) -> Method:
     from ..directions import fit_methods
 
-    with steer(x.model, 0.0) if has_adapter(x.model) else contextlib.nullcontext():
+    with adapter_off(x.model):
         one = dataclasses.replace(x.cfg.directions, components=1)
         md = fit_methods(x.model, x.tokenizer, x.train_pairs, x.val_pairs, one, x.cfg.data.max_length,
                          ["mean_diff"], layers=list(x.directions.selected))["mean_diff"]
