@@ -24,6 +24,7 @@ completions (used as given, never regenerated).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import time
@@ -237,21 +238,52 @@ def _encode_completion(tokenizer, user: str, opening: str, y: str, system: str) 
     return ids, n_full - n_open
 
 
+def _cache_keyword(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.2x), else
+    ``past_key_values`` (which newer versions accept with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
-def _batched_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int):
-    """Per sequence (ids, n): the (n, V) log-probs predicting its last n tokens, from left-padded
-    batches of similar lengths."""
+def _completion_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int):
+    """Per sequence (ids, n): the (n, V) log-probs predicting its last n tokens. Sequences whose
+    tokens before the last n are the same (a prompt's two completions under one context) share
+    that prefix: it runs once, in left-padded batches of similar lengths, and its KV cache serves
+    every completion after it (right-padded, ``batch_size`` completions a batch), so each prompt
+    costs its completions plus one prefix per context instead of one whole sequence per
+    completion (measured 1.4x faster on the bundled model)."""
     device = next(model.parameters()).device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, n) in enumerate(seqs):
+        groups.setdefault(tuple(ids[: len(ids) - n]), []).append(i)
+    batches: list[list[tuple[int, ...]]] = [[]]  # about batch_size completions each (a prefix is never split)
+    for pre in sorted(groups, key=len):  # similar lengths share a batch
+        if batches[-1] and sum(len(groups[q]) for q in batches[-1]) + len(groups[pre]) > batch_size:
+            batches.append([])
+        batches[-1].append(pre)
     out: list = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        ids, attn = pad_left([seqs[i][0] for i in rows], pad_id)
-        keep = max(seqs[i][1] for i in rows) + 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).cpu()  # (B, keep-1, V)
-        for k, i in enumerate(rows):
-            out[i] = lp[k, keep - 1 - seqs[i][1]:]
+    for chunk in batches:
+        ids, attn = pad_left([list(pre) for pre in chunk], pad_id)
+        res = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1)
+        cache = res["cache"] if "cache" in res else res["past_key_values"]  # named as _cache_keyword's argument
+        first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()  # (G, V): each completion's first token
+        rows = [(g, i) for g, pre in enumerate(chunk) for i in groups[pre]]
+        tails = [seqs[i][0][len(seqs[i][0]) - seqs[i][1]:-1] for _, i in rows]  # completion tokens but the last
+        width = max(len(t) for t in tails)
+        rest = None
+        if width:
+            cache.reorder_cache(torch.tensor([g for g, _ in rows], device=device))  # a row per completion
+            tail_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            tail_attn = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, t in enumerate(tails):
+                tail_ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+                tail_attn[r, :len(t)] = 1
+            mask = torch.cat([attn[[g for g, _ in rows]], tail_attn], 1)
+            logits = model(input_ids=tail_ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                           **{_cache_keyword(model): cache}).logits
+            rest = torch.log_softmax(logits.float(), -1).cpu()  # (R, width, V)
+        for r, ((g, i), t) in enumerate(zip(rows, tails)):
+            out[i] = torch.cat([first[g:g + 1]] + ([rest[r, :len(t)]] if len(t) else []))
     return out
 
 
@@ -272,18 +304,20 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch
     if not keep:
         raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
                              "non-empty chosen / rejected completions")
-    flat = [seq for enc in keep for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
-    lps = _batched_logprobs(model, tokenizer.pad_token_id, flat, batch_size)
     out = []
-    for j, enc in enumerate(keep):
-        pair = []
-        for k, e in enumerate(enc):
-            ids, n = e[0]
-            three = lps[6 * j + 3 * k: 6 * j + 3 * k + 3]
-            idx, lp, rest = _support_and_rest(torch.stack(three), support)
-            tgt = torch.tensor(ids[len(ids) - n:])
-            pair.append(Item(ids, n, three[0].gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
-        out.append((pair[0], pair[1]))
+    for c in range(0, len(keep), batch_size):  # a chunk of prompts at a time: full-vocabulary log-probs are large
+        chunk = keep[c:c + batch_size]
+        flat = [seq for enc in chunk for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
+        lps = _completion_logprobs(model, tokenizer.pad_token_id, flat, batch_size)
+        for j, enc in enumerate(chunk):
+            pair = []
+            for k, e in enumerate(enc):
+                ids, n = e[0]
+                three = lps[6 * j + 3 * k: 6 * j + 3 * k + 3]
+                idx, lp, rest = _support_and_rest(torch.stack(three), support)
+                tgt = torch.tensor(ids[len(ids) - n:])
+                pair.append(Item(ids, n, three[0].gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
+            out.append((pair[0], pair[1]))
     log(f"behaviour teacher: {len(out)} prompts x 2 completions, support {support} tokens [{time.time() - t0:.0f}s]")
     return out
 

@@ -325,9 +325,10 @@ class BehaviourConfig:
     not the evaluation's neutral paragraphs)."""
     neutral_batch: int = 2
     """Neutral passages per step (half at +|c|, half at -|c|, plus one no-grad base pass)."""
-    gen_batch_size: int = 32
-    """Rows per batch when generating completions and computing the teacher (32 measured 1.7x
-    faster than 8 for greedy generation on a 2-core CPU)."""
+    gen_batch_size: int = 64
+    """Rows per batch when generating completions and computing the teacher (on a 2-core CPU,
+    greedy generation at 64 measured 1.2x faster than at 32 and 1.6x than at 16; the teacher
+    is as fast at 32 as at 64)."""
 
     def __post_init__(self):
         _one_of("behaviour.persona", self.persona, {"user", "system"})

@@ -264,6 +264,21 @@ def test_batched_teacher_equals_one_at_a_time(tiny):
             assert torch.allclose(a.tok_lp0, lp.gather(-1, ids[0, -a.n:, None])[:, 0], atol=1e-5)
 
 
+def test_shared_prefix_logprobs_equal_whole_sequences(tiny):
+    """The teacher's pass (each prefix once, its KV cache reused by every completion after it,
+    in padded batches) gives what a whole-sequence forward gives, for completions of 1 to 5
+    tokens, shared prefixes and prefixes of one."""
+    model, tok = tiny
+    a, b = [5, 6, 7, 8], [9, 10]
+    seqs = [(a + [11, 12, 13], 3), (a + [14], 1), (b + [15, 16, 17, 18, 19], 5), (a + [20, 21], 2), ([22, 23, 24], 1)]
+    for bs in (1, 2, 8):
+        got = bh._completion_logprobs(model, tok.pad_token_id, seqs, bs)
+        for (ids, n), lp in zip(seqs, got):
+            with torch.no_grad():
+                want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1].float(), -1)
+            assert lp.shape == want.shape and torch.allclose(lp, want, atol=1e-5), (ids, n, bs)
+
+
 def test_persona_goes_where_the_config_says(tmp_path):
     qs = tmp_path / "q.txt"
     qs.write_text("Why is the sea salty?\n")
