@@ -13,7 +13,8 @@ completion token, from the base model on the same completion tokens:
 
 each on a support ``idx`` of the S tokens most likely under any of the three, plus the log of
 the remaining mass. Completions are cached across runs under a key made of the base model's
-fingerprint, the prompts and the generation settings, and copied into the run folder.
+fingerprint and numerics (dtype, device, quantization), the prompts and the generation
+settings, and copied into the run folder.
 
 Prompt sources (``prompts_for``): the shipped user questions (facts, advice, opinions, small
 tasks, questions to the assistant; none is an evaluation probe), a sample of the training
@@ -167,8 +168,11 @@ class Completions:
 
 def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int, fingerprint: str,
                 cache: Path | None, batch_size: int = 16, log=print) -> Completions:
-    """y_h / y_d for every prompt: given ones as given, the rest generated (or read from the cache)."""
-    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 1}
+    """y_h / y_d for every prompt: given ones as given, the rest generated (or read from the cache,
+    keyed by the model's fingerprint and numerics: greedy text under bf16 is not fp32's)."""
+    from .models import numerics
+
+    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 1, "numerics": numerics(model)}
     key = cache_key(fingerprint, prompts, settings)
     path = cache / f"completions-{key}.jsonl" if cache else None
     if path is not None and path.is_file():
@@ -386,7 +390,7 @@ def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], f
     """The behaviour items (teacher included) and the neutral batch a run's loss needs, from the
     cache when the same model, prompts and settings were seen before. Call on the base model
     (before the adapter is attached). Writes ``completions.jsonl`` into ``run_dir``."""
-    from .models import cache_dir
+    from .models import cache_dir, numerics
 
     items, neutral = [], None
     cache = cache_dir() / "behaviour"
@@ -397,7 +401,8 @@ def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], f
         if run_dir is not None:
             atomic_write_text(run_dir / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in comps.rows()))
         key = cache_key(fingerprint, prompts, {"max_new_tokens": cfg.behaviour.max_new_tokens,
-                                               "support": cfg.behaviour.support, "completions": comps.rows()})
+                                               "support": cfg.behaviour.support, "completions": comps.rows(),
+                                               "numerics": numerics(model)})
         path = cache / f"teacher-{key}.safetensors"
         if path.is_file():
             items, _ = load_teacher(path)

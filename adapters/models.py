@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -455,3 +456,14 @@ def base_fingerprint(model: nn.Module) -> str:
     for s in samples:
         h.update(s.float().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def numerics(model: nn.Module) -> dict[str, str]:
+    """What changes a base model's outputs besides its weights, which ``base_fingerprint``
+    leaves out so that an adapter moves between them: compute dtype, device type and
+    quantization. Caches of the model's outputs (behaviour completions, peers' vectors) key on it."""
+    p = next(model.parameters())
+    q = getattr(model.config, "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    return {"dtype": str(model.dtype).removeprefix("torch."), "device": p.device.type,
+            "quantization": json.dumps(q, sort_keys=True, default=str) if q else "none"}

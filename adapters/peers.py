@@ -193,12 +193,12 @@ def _train(name: str, model, tokenizer, pairs: list[ContrastivePair], layers: li
 
 def cache_key(name: str, model, tokenizer, pairs: list[ContrastivePair], layers: list[int] | None) -> str:
     """What a peer's vector depends on: the peer and its version, the base model (fingerprint and
-    dtype), the texts it is trained on and the layers."""
-    from .models import base_fingerprint
+    numerics), the texts it is trained on and the layers."""
+    from .models import base_fingerprint, numerics
 
     h = hashlib.sha256(json.dumps({
         "peer": name, "version": importlib.metadata.version(DISTRIBUTIONS[name]), "sv_batch": SV_BATCH,
-        "fingerprint": base_fingerprint(model), "dtype": str(next(model.parameters()).dtype),
+        "fingerprint": base_fingerprint(model), "numerics": numerics(model),
         "layers": layers, "texts": _texts(tokenizer, pairs)}, sort_keys=True).encode())
     return h.hexdigest()[:20]
 

@@ -174,7 +174,8 @@ def test_csv_pairs_with_empty_completion_cells(tmp_path):
 # --------------------------------------------------------------------------- the completions cache
 
 
-def test_completions_cache_is_keyed_by_model_prompts_and_settings(tmp_path, tiny, other_tiny_dir, monkeypatch):
+def test_completions_cache_is_keyed_by_model_prompts_and_settings(tmp_path, tiny, tiny_dir, other_tiny_dir,
+                                                                   monkeypatch):
     from adapters import models
 
     model, tok = tiny
