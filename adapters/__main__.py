@@ -205,8 +205,9 @@ def export_main(args) -> int:
         path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force)
     elif args.format == "peft":
         from .config import load_config
+        from .models import hub_id
 
-        name = load_config(Path(args.run) / "config.yaml").model.name
+        name = hub_id(load_config(Path(args.run) / "config.yaml").model.name)
         path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force)
     else:
         path = export.save_control_vector(model, out, args.coeff, force=args.force)

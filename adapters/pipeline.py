@@ -348,7 +348,9 @@ def _loaders(run: Run):
 
 
 def _logger(run: Run):
-    """The wandb logger (offline by default), or False."""
+    """The wandb logger (offline by default), or False. Rank 0 starts the wandb run itself (so no
+    setting wandb has deprecated is passed) under the id of the run folder's earlier wandb run,
+    if any: ``--resume`` continues the same wandb run; ``--overwrite`` deletes it and starts anew."""
     if run.cfg.log.wandb == "disabled":
         return False
     from lightning.pytorch.loggers import WandbLogger
@@ -356,12 +358,56 @@ def _logger(run: Run):
     from .config import config_to_dict
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=run.cfg.log.project, name=run.folder.name, save_dir=str(run.folder),
-                         offline=run.cfg.log.wandb == "offline")
-    logger.experiment.config.update(config_to_dict(run.cfg), allow_val_change=True)
-    logger.experiment.summary.update({f"directions/{k}/{layer}": v for layer, st in run.directions.stats.items()
-                                      for k, v in st.items()})
-    return logger
+    offline = run.cfg.log.wandb == "offline"
+    if not run.zero:  # Lightning logs from rank 0 only; the other ranks' logger never starts a run
+        return WandbLogger(project=run.cfg.log.project, name=run.folder.name, save_dir=str(run.folder), offline=offline)
+    import wandb
+
+    experiment = wandb.init(project=run.cfg.log.project, name=run.folder.name, dir=str(run.folder),
+                            id=_wandb_id(run.folder), resume="allow",
+                            mode="offline" if offline else "online", config=config_to_dict(run.cfg),
+                            allow_val_change=True)
+    # the step axis Lightning's logger sets up when it starts the run itself
+    experiment.define_metric("trainer/global_step")
+    experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    experiment.summary.update({f"directions/{k}/{layer}": v for layer, st in run.directions.stats.items()
+                               for k, v in st.items()})
+    return WandbLogger(experiment=experiment)
+
+
+def _wandb_id(folder: Path) -> str | None:
+    """The id of the newest wandb run in ``folder``/wandb (``run-<date>-<id>`` or
+    ``offline-run-<date>-<id>``), or None."""
+    runs = sorted((p for p in (folder / "wandb").glob("*run-*-*") if p.is_dir()),
+                  key=lambda p: p.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+
+def _progress_bar():
+    """Lightning's own bar (rich where installed, as Lightning picks) counting optimiser steps out
+    of the run's, across epochs, with elapsed time and ETA (Lightning's rich bar counts batches
+    per epoch and, with ``max_steps``, reads 'Epoch 0/-2')."""
+    import importlib.util
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    if importlib.util.find_spec("rich") is None:
+        return TQDMProgressBar()
+
+    class StepBar(RichProgressBar):
+        @property
+        def total_train_batches(self):
+            steps = self.trainer.max_steps
+            return steps if steps > 0 else super().total_train_batches
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"{'steps':{len(self.validation_description)}}"
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    return StepBar()
 
 
 def _trainer(run: Run):
@@ -371,8 +417,8 @@ def _trainer(run: Run):
 
     tcfg = run.cfg.train
     ckpt = CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed)
-    return L.Trainer(max_steps=tcfg.steps - run.start, callbacks=[ckpt], accelerator=tcfg.accelerator,
-                     devices=tcfg.devices, strategy=tcfg.strategy, use_distributed_sampler=False,
+    return L.Trainer(max_steps=tcfg.steps - run.start, callbacks=[ckpt, _progress_bar()],
+                     accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy, use_distributed_sampler=False,
                      logger=run.logger, enable_checkpointing=False, num_sanity_val_steps=0,
                      val_check_interval=tcfg.val_every, check_val_every_n_epoch=None,
                      gradient_clip_val=tcfg.grad_clip, log_every_n_steps=1,

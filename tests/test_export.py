@@ -166,3 +166,12 @@ def test_control_vector_refusals(tiny, tmp_path):
     with pytest.raises(export.ExportError, match="only additive"):
         export.save_control_vector(other, tmp_path / "c.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_peft_export_names_the_bundled_model_by_its_hub_id():
+    """`export --format peft` writes base_model_name_or_path = hub_id(model.name): AutoPeftModel
+    cannot load 'bundled'."""
+    from adapters.models import hub_id
+
+    assert hub_id("bundled") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("/models/llama") == "/models/llama" and hub_id("org/model") == "org/model"

@@ -161,3 +161,23 @@ def test_atomic_files_and_folders_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755 and (tmp_path / "d" / "f").read_text() == "y"
+
+
+def test_resume_continues_the_same_wandb_run(tiny_dir, tmp_path, capsys):
+    """With wandb on (offline), a resumed run logs into the interrupted run's wandb id; the
+    terminal shows no wandb deprecation warning and the bar counts steps, not 'Epoch 0/-2'."""
+    cfg_path = write_cfg(tiny_dir, tmp_path, "logged")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["log"]["wandb"] = "offline"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = run_killed(cfg_path, 6, "step", tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "logged"
+    first = [p.name for p in (run / "wandb").glob("offline-run-*")]
+    assert len(first) == 1
+    pipeline.main(["--resume", str(run)])
+    out = capsys.readouterr()
+    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs  # one wandb id
+    for text in (proc.stdout + proc.stderr, out.out + out.err):
+        assert "anonymous" not in text and "Epoch 0/-2" not in text
