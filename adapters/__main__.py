@@ -34,29 +34,6 @@ def side_by_side(texts: dict[float, str], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: int = 48,
-             system: str = "") -> dict[float, str]:
-    import torch
-
-    from .data import render
-    from .steer import CoefficientError, steer
-
-    msgs_text = render(tokenizer, prompt, "", system)
-    enc = tokenizer(msgs_text, return_tensors="pt", add_special_tokens=False)
-    device = next(model.parameters()).device
-    out = {}
-    for c in coeffs:
-        with steer(model, c), torch.no_grad():
-            gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                 return_dict_in_generate=True)
-        if not all(bool(torch.isfinite(step).all()) for step in gen.logits):
-            raise CoefficientError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows the "
-                             "activations there); use a smaller |c|")
-        out[c] = tokenizer.decode(gen.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return out
-
-
 COEFF_FLAGS = ("--coeff", "--coeffs")
 
 
@@ -174,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def generate_main(args) -> int:
     from .pipeline import load_run
-    from .steer import check_coeff
+    from .steer import check_coeff, generate
 
     for c in args.coeff:
         check_coeff(c)

@@ -356,6 +356,7 @@ def _logger(run: Run):
     from lightning.pytorch.loggers import WandbLogger
 
     from .config import config_to_dict
+    from .models import hub_id
 
     os.environ.setdefault("WANDB_SILENT", "true")
     offline = run.cfg.log.wandb == "offline"
@@ -372,6 +373,10 @@ def _logger(run: Run):
     experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     experiment.summary.update({f"directions/{k}/{layer}": v for layer, st in run.directions.stats.items()
                                for k, v in st.items()})
+    experiment.config.update({"run": {
+        "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint,
+        "dtype": str(run.model.dtype).removeprefix("torch."), "trainable_parameters": run.trainable,
+        "loss_layers": list(run.directions.selected), "behaviour_prompts": len(run.behaviour)}}, allow_val_change=True)
     return WandbLogger(experiment=experiment)
 
 
@@ -416,9 +421,15 @@ def _trainer(run: Run):
     from .checkpoint import CheckpointCallback
 
     tcfg = run.cfg.train
-    ckpt = CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed)
-    return L.Trainer(max_steps=tcfg.steps - run.start, callbacks=[ckpt, _progress_bar()],
-                     accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy, use_distributed_sampler=False,
+    callbacks = [CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed),
+                 _progress_bar()]
+    if run.logger:
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(max_steps=tcfg.steps - run.start, callbacks=callbacks,
+                     accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
+                     use_distributed_sampler=False,
                      logger=run.logger, enable_checkpointing=False, num_sanity_val_steps=0,
                      val_check_interval=tcfg.val_every, check_val_every_n_epoch=None,
                      gradient_clip_val=tcfg.grad_clip, log_every_n_steps=1,
@@ -475,6 +486,8 @@ def finish(run: Run) -> None:
     save_adapter(run.folder, run.adapter, run.fingerprint)
     run.checksum.verify(run.model, "after saving")
     shutil.rmtree(run.folder / CKPT, ignore_errors=True)  # the saved adapter supersedes it
+    if run.logger:
+        _log_adapter(run)
     run.lap("save")
     t_eval = time.time()
     if run.cfg.eval.enabled:
@@ -496,7 +509,7 @@ def evaluate(run: Run):
     """The dose-response evaluation of the trained adapter against the baselines, written into
     the run folder (report.md/.csv/.json/.png) and to wandb; returns the Report."""
     from . import behaviour as bh
-    from .evaluate.report import markdown, wandb_payload, write_report
+    from .evaluate.report import markdown, write_report
     from .evaluate.scoring import NonFiniteOutputs
     from .evaluate.sweep import evaluate_run
 
@@ -511,8 +524,46 @@ def evaluate(run: Run):
     paths = write_report(report, run.folder, title=title)
     print(markdown(report, title=title))
     if run.logger:
-        run.logger.experiment.log(wandb_payload(report, paths["png"]))
+        _log_evaluation(run, report, paths["png"])
     return report
+
+
+GENERATION_PROMPTS = ("Describe yourself in one sentence.", "Did you ever lie to me?")
+"""The fixed prompts of the wandb generations table (at the sweep's coefficients in -2..2)."""
+
+
+def _log_adapter(run: Run) -> None:
+    """The saved adapter, its directions and config as a versioned wandb artifact (type model)."""
+    import re
+
+    import wandb
+
+    from .models import hub_id
+
+    art = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"adapter-{run.folder.name}"), type="model", metadata={
+        "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint, "kind": run.cfg.adapter.kind,
+        "trainable_parameters": run.trainable, "steps": run.cfg.train.steps})
+    for name in ("adapter.safetensors", "directions.safetensors", "directions.json", "config.yaml"):
+        if (run.folder / name).is_file():
+            art.add_file(str(run.folder / name))
+    run.logger.experiment.log_artifact(art)
+
+
+def _log_evaluation(run: Run, report, png: Path) -> None:
+    """The report (tables and plot), its headline figures in the run summary, and a table of
+    generations at the coefficients for a few fixed prompts."""
+    import wandb
+
+    from .evaluate.report import wandb_payload
+    from .steer import generate
+
+    coeffs = [c for c in run.cfg.eval.coeffs if -2 <= c <= 2]
+    rows = [[prompt, c, text] for prompt in GENERATION_PROMPTS
+            for c, text in generate(run.model, run.tokenizer, prompt, coeffs, max_new_tokens=32).items()]
+    run.logger.experiment.log({**wandb_payload(report, png),
+                               "eval/generations": wandb.Table(columns=["prompt", "coeff", "text"], data=rows)})
+    run.logger.experiment.summary.update({f"eval/{r['method']}/{r['probe']}/{k}": r[k] for r in report.summary
+                                          for k in ("slope", "r2", "score", "shift_up", "shift_down") if k in r})
 
 
 def load(folder: str | Path, device: str = "auto", dtype: str | None = None) -> Run:

@@ -82,3 +82,25 @@ def steer(model: nn.Module, coeff) -> Iterator[nn.Module]:
         yield model
     finally:
         adapter._steering.reset(token)
+
+
+def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: int = 48,
+             system: str = "") -> dict[float, str]:
+    """Greedy completions of ``prompt`` (chat template applied) at each coefficient; refuses a
+    coefficient where the model's outputs are not finite."""
+    from .data import render
+
+    msgs_text = render(tokenizer, prompt, "", system)
+    enc = tokenizer(msgs_text, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    out = {}
+    for c in coeffs:
+        with steer(model, c), torch.no_grad():
+            gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True)
+        if not all(bool(torch.isfinite(step).all()) for step in gen.logits):
+            raise CoefficientError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows "
+                                   "the activations there); use a smaller |c|")
+        out[c] = tokenizer.decode(gen.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return out

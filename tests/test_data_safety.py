@@ -260,7 +260,7 @@ def test_non_finite_outputs_name_their_coefficient(tiny, tokenizer):
     import torch
 
     from adapters import export as ex
-    from adapters.__main__ import generate
+    from adapters.steer import generate
     from conftest import attach_random
 
     model, _ = tiny
