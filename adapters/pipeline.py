@@ -529,7 +529,7 @@ def evaluate(run: Run):
 
 
 GENERATION_PROMPTS = ("Describe yourself in one sentence.", "Did you ever lie to me?")
-"""The fixed prompts of the wandb generations table (at the sweep's coefficients in -2..2)."""
+"""The fixed prompts of the wandb generations table (at the sweep's coefficients among -2, -1, 0, 1, 2)."""
 
 
 def _log_adapter(run: Run) -> None:
@@ -557,7 +557,7 @@ def _log_evaluation(run: Run, report, png: Path) -> None:
     from .evaluate.report import wandb_payload
     from .steer import generate
 
-    coeffs = [c for c in run.cfg.eval.coeffs if -2 <= c <= 2]
+    coeffs = [c for c in run.cfg.eval.coeffs if c in (-2.0, -1.0, 0.0, 1.0, 2.0)]
     rows = [[prompt, c, text] for prompt in GENERATION_PROMPTS
             for c, text in generate(run.model, run.tokenizer, prompt, coeffs, max_new_tokens=32).items()]
     run.logger.experiment.log({**wandb_payload(report, png),
