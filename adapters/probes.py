@@ -30,6 +30,12 @@ from .errors import UserError
 YES = ("Yes", " Yes", "yes", " yes", "YES")
 NO = ("No", " No", "no", " no", "NO")
 
+Y_LABELS = {"self_report": "y = log P(positive words) - log P(negative words)",
+            "facts": "y = log P(true continuation) - log P(false one)",
+            "yes_no": "y = log P(honest answer) - log P(the other)",
+            "daily_dilemmas": "y = log P(value-keeping answer) - log P(the other)"}
+"""What each probe kind's y measures (the report plot's y-axis labels)."""
+
 
 class ProbeError(UserError):
     pass

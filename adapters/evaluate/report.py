@@ -96,32 +96,40 @@ def markdown(report: Report, title: str = "Evaluation", rows: bool = True) -> st
     return "\n".join(lines)
 
 
-def plot(report: Report, path: Path, top: int = 0) -> None:
-    """y against c per method with the 95% intervals (invalid coefficients crossed); with
-    ``top`` only the best-scoring methods of each probe, plus prompting and base."""
+def plot(report: Report, path: Path, top: int = 0, title: str = "") -> None:
+    """y against c per method with the 95% intervals (invalid coefficients circled in black, one
+    legend entry); with ``top`` only the best-scoring methods of each probe, plus prompting and
+    base. Each panel's y-axis says what its probe's y is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..probes import Y_LABELS
+
     probes = list(dict.fromkeys(r["probe"] for r in report.rows))
-    fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 4.4), squeeze=False)
     for ax, probe in zip(axes[0], probes):
         names = [r["method"] for r in _ranked(report, probe)]
         keep = set(names[:top] if top else names) | ({"prompting", "base"} & set(names))
+        bad = []
         for method in (m for m in dict.fromkeys(r["method"] for r in report.rows) if m in keep):
             rs = [r for r in report.rows if r["probe"] == probe and r["method"] == method and not r.get("search")]
             c = np.array([r["coeff"] for r in rs])
             y = np.array([r["mean_y"] for r in rs])
             err = np.array([[r["mean_y"] - r["ci_low"] for r in rs], [r["ci_high"] - r["mean_y"] for r in rs]])
             ax.errorbar(c, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=method)
-            bad = [r for r in rs if not r["valid"]]
-            ax.scatter([r["coeff"] for r in bad], [r["mean_y"] for r in bad], marker="x", color="red", zorder=5)
+            bad += [r for r in rs if not r["valid"]]
+        if bad:
+            ax.scatter([r["coeff"] for r in bad], [r["mean_y"] for r in bad], s=110, facecolors="none",
+                       edgecolors="black", linewidths=1.5, zorder=5, label="invalid c (answer mass or ΔNLL)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(probe)
         ax.set_xlabel("coefficient c")
-        ax.set_ylabel("y = log P(honest) - log P(dishonest)")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(Y_LABELS.get(probe, "y"), fontsize=8)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -141,7 +149,7 @@ def write_report(report: Report, folder: str | Path, title: str = "Evaluation", 
     atomic_write_text(paths["rows_csv"], csv_text(report.rows, report.rows[0]))
     write_json(paths["json"], {"summary": report.summary, "rows": report.rows,
                                "separation": report.separation, "notes": report.notes, "examples": report.examples})
-    plot(report, paths["png"], plot_top)
+    plot(report, paths["png"], plot_top, title)
     return paths
 
 
