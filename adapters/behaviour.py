@@ -269,7 +269,10 @@ def _completion_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], 
     for chunk in batches:
         ids, attn = pad_left([list(pre) for pre in chunk], pad_id)
         res = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1)
-        cache = res["cache"] if "cache" in res else res["past_key_values"]  # named as _cache_keyword's argument
+        cache = res.get("cache", res.get("past_key_values"))  # named as _cache_keyword's argument
+        if not hasattr(cache, "reorder_cache"):
+            raise BehaviourError(f"{type(model).__name__} returned no KV cache to share a prefix with (use_cache); "
+                                 "the behaviour teacher needs one")
         first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()  # (G, V): each completion's first token
         rows = [(g, i) for g, pre in enumerate(chunk) for i in groups[pre]]
         tails = [seqs[i][0][len(seqs[i][0]) - seqs[i][1]:-1] for _, i in rows]  # completion tokens but the last
@@ -309,8 +312,9 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch
         raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
                              "non-empty chosen / rejected completions")
     out = []
-    for c in range(0, len(keep), batch_size):  # a chunk of prompts at a time: full-vocabulary log-probs are large
-        chunk = keep[c:c + batch_size]
+    chunk_size = max(1, batch_size // 2)  # prompts at a time (6 sequences each): full-vocabulary log-probs are large
+    for c in range(0, len(keep), chunk_size):
+        chunk = keep[c:c + chunk_size]
         flat = [seq for enc in chunk for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
         lps = _completion_logprobs(model, tokenizer.pad_token_id, flat, batch_size)
         for j, enc in enumerate(chunk):

@@ -350,7 +350,8 @@ def _loaders(run: Run):
 def _logger(run: Run):
     """The wandb logger (offline by default), or False. Rank 0 starts the wandb run itself (so no
     setting wandb has deprecated is passed) under the id of the run folder's earlier wandb run,
-    if any: ``--resume`` continues the same wandb run; ``--overwrite`` deletes it and starts anew."""
+    if any: ``--resume`` continues the same wandb run, its steps counted on from the checkpoint's;
+    ``--overwrite`` deletes it and starts anew. An online run honours WANDB_MODE."""
     if run.cfg.log.wandb == "disabled":
         return False
     from lightning.pytorch.loggers import WandbLogger
@@ -358,16 +359,23 @@ def _logger(run: Run):
     from .config import config_to_dict
     from .models import hub_id
 
+    class StepLogger(WandbLogger):
+        """Lightning's wandb logger, its steps shifted by the resumed run's first step (the
+        resumed Trainer counts from 0)."""
+
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, None if step is None else step + run.start)
+
     os.environ.setdefault("WANDB_SILENT", "true")
     offline = run.cfg.log.wandb == "offline"
+    where = dict(project=run.cfg.log.project, name=run.folder.name, save_dir=str(run.folder))
     if not run.zero:  # Lightning logs from rank 0 only; the other ranks' logger never starts a run
-        return WandbLogger(project=run.cfg.log.project, name=run.folder.name, save_dir=str(run.folder), offline=offline)
+        return StepLogger(**where, offline=offline)
     import wandb
 
     experiment = wandb.init(project=run.cfg.log.project, name=run.folder.name, dir=str(run.folder),
-                            id=_wandb_id(run.folder), resume="allow",
-                            mode="offline" if offline else "online", config=config_to_dict(run.cfg),
-                            allow_val_change=True)
+                            id=_wandb_id(run.folder), resume="allow", mode="offline" if offline else None,
+                            config=config_to_dict(run.cfg), allow_val_change=True)
     # the step axis Lightning's logger sets up when it starts the run itself
     experiment.define_metric("trainer/global_step")
     experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
@@ -377,21 +385,26 @@ def _logger(run: Run):
         "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint,
         "dtype": str(run.model.dtype).removeprefix("torch."), "trainable_parameters": run.trainable,
         "loss_layers": list(run.directions.selected), "behaviour_prompts": len(run.behaviour)}}, allow_val_change=True)
-    return WandbLogger(experiment=experiment)
+    return StepLogger(**where, experiment=experiment)
 
 
 def _wandb_id(folder: Path) -> str | None:
-    """The id of the newest wandb run in ``folder``/wandb (``run-<date>-<id>`` or
-    ``offline-run-<date>-<id>``), or None."""
-    runs = sorted((p for p in (folder / "wandb").glob("*run-*-*") if p.is_dir()),
+    """The id of the newest wandb run in ``folder``/wandb, or None: each run's folder
+    (``[offline-]run-<date>-<id>``, with ``-1``, ``-2`` appended when a run of that id started in
+    the same second) holds ``run-<id>.wandb``."""
+    runs = sorted((p for p in (folder / "wandb").glob("*run-*") if p.is_dir() and not p.is_symlink()),
                   key=lambda p: p.name.split("run-", 1)[1])
-    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+    for p in reversed(runs):
+        for f in p.glob("run-*.wandb"):
+            return f.stem.removeprefix("run-")
+    return None
 
 
 def _progress_bar():
-    """Lightning's own bar (rich where installed, as Lightning picks) counting optimiser steps out
-    of the run's, across epochs, with elapsed time and ETA (Lightning's rich bar counts batches
-    per epoch and, with ``max_steps``, reads 'Epoch 0/-2')."""
+    """Lightning's own bar (rich where installed, as Lightning picks) counting this process's
+    optimiser steps out of its ``max_steps`` (a resumed run: the steps left), across epochs, with
+    elapsed time and ETA (Lightning's rich bar counts batches per epoch and, with ``max_steps``,
+    reads 'Epoch 0/-2')."""
     import importlib.util
 
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
@@ -533,33 +546,43 @@ GENERATION_PROMPTS = ("Describe yourself in one sentence.", "Did you ever lie to
 
 
 def _log_adapter(run: Run) -> None:
-    """The saved adapter, its directions and config as a versioned wandb artifact (type model)."""
+    """The saved adapter, its directions and config as a versioned wandb artifact (type model).
+    A failure is reported and skipped: the run folder holds the same files."""
     import re
 
     import wandb
 
     from .models import hub_id
 
-    art = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"adapter-{run.folder.name}"), type="model", metadata={
-        "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint, "kind": run.cfg.adapter.kind,
-        "trainable_parameters": run.trainable, "steps": run.cfg.train.steps})
-    for name in ("adapter.safetensors", "directions.safetensors", "directions.json", "config.yaml"):
-        if (run.folder / name).is_file():
-            art.add_file(str(run.folder / name))
-    run.logger.experiment.log_artifact(art)
+    try:
+        art = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"adapter-{run.folder.name}")[:128], type="model", metadata={
+            "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint,
+            "kind": run.cfg.adapter.kind, "trainable_parameters": run.trainable, "steps": run.cfg.train.steps})
+        for name in ("adapter.safetensors", "directions.safetensors", "directions.json", "config.yaml"):
+            if (run.folder / name).is_file():
+                art.add_file(str(run.folder / name))
+        run.logger.experiment.log_artifact(art)
+    except (OSError, ValueError, wandb.errors.Error) as e:
+        print(f"wandb: the adapter artifact was not logged ({e}); {run.folder} holds its files", file=sys.stderr)
 
 
 def _log_evaluation(run: Run, report, png: Path) -> None:
     """The report (tables and plot), its headline figures in the run summary, and a table of
-    generations at the coefficients for a few fixed prompts."""
+    generations at the coefficients for a few fixed prompts (a coefficient whose outputs are not
+    finite gets that written instead of a text)."""
     import wandb
 
     from .evaluate.report import wandb_payload
-    from .steer import generate
+    from .steer import CoefficientError, generate
+
+    def text(prompt: str, c: float) -> str:
+        try:
+            return generate(run.model, run.tokenizer, prompt, [c], max_new_tokens=32)[c]
+        except CoefficientError:
+            return "(outputs not finite at this coefficient)"
 
     coeffs = [c for c in run.cfg.eval.coeffs if c in (-2.0, -1.0, 0.0, 1.0, 2.0)]
-    rows = [[prompt, c, text] for prompt in GENERATION_PROMPTS
-            for c, text in generate(run.model, run.tokenizer, prompt, coeffs, max_new_tokens=32).items()]
+    rows = [[prompt, c, text(prompt, c)] for prompt in GENERATION_PROMPTS for c in coeffs]
     run.logger.experiment.log({**wandb_payload(report, png),
                                "eval/generations": wandb.Table(columns=["prompt", "coeff", "text"], data=rows)})
     run.logger.experiment.summary.update({f"eval/{r['method']}/{r['probe']}/{k}": r[k] for r in report.summary

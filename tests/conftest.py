@@ -8,6 +8,7 @@ that takes ``model.name`` (load_base, train.py, load_run) can point at their fol
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before anything imports transformers / datasets / wandb: nothing may download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,3 +160,29 @@ def tiny_directions(tiny_dir):
 def bundled():
     """(model, tokenizer): the bundled SmolLM2-135M-Instruct in fp32, loaded once."""
     return models.load_base("bundled", dtype="float32", device="cpu")
+
+
+def read_wandb_records(path) -> list:
+    """The records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log
+    framing (32 KiB blocks; each piece: crc32c, length, type FULL/FIRST/MIDDLE/LAST) around
+    serialised ``wandb_internal_pb2.Record`` messages."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, out, buf = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero fill: the end of what was written
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out

@@ -11,33 +11,7 @@ from pathlib import Path
 import yaml
 
 from adapters import pipeline
-from conftest import tiny_config
-
-
-def read_records(path: Path) -> list:
-    """The records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log
-    framing (32 KiB blocks; each piece: crc32c, length, type FULL/FIRST/MIDDLE/LAST) around
-    serialised ``wandb_internal_pb2.Record`` messages."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", data[:7]
-    pos, block, out, buf = 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        if kind == 0:  # zero fill: the end of what was written
-            break
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            record = pb.Record()
-            record.ParseFromString(buf)
-            out.append(record)
-            buf = b""
-    return out
+from conftest import read_wandb_records, tiny_config
 
 
 def test_the_wandb_run_holds_config_curves_evaluation_generations_and_the_adapter(tiny_dir, tmp_path, monkeypatch):
@@ -49,7 +23,7 @@ def test_the_wandb_run_holds_config_curves_evaluation_generations_and_the_adapte
     path.write_text(yaml.safe_dump(cfg))
     run = Path(pipeline.main(["--config", str(path)]))
     (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
-    records = read_records(wandb_file)
+    records = read_wandb_records(wandb_file)
     by_kind = defaultdict(list)
     for r in records:
         by_kind[r.WhichOneof("record_type")].append(r)
