@@ -269,7 +269,8 @@ def _completion_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], 
     for chunk in batches:
         ids, attn = pad_left([list(pre) for pre in chunk], pad_id)
         res = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1)
-        cache = res.get("cache", res.get("past_key_values"))  # named as _cache_keyword's argument
+        # named as _cache_keyword's argument (asking 5.2x's output for `past_key_values` warns)
+        cache = res.get("cache") if "cache" in res else res.get("past_key_values")
         if not hasattr(cache, "reorder_cache"):
             raise BehaviourError(f"{type(model).__name__} returned no KV cache to share a prefix with (use_cache); "
                                  "the behaviour teacher needs one")
