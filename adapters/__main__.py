@@ -179,13 +179,13 @@ def export_main(args) -> int:
     model, tok = load_run(args.run)
     fp = base_fingerprint(model)
     if args.format == "merged":
-        path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force)
+        path = export.save_merged(model, tok, out, args.coeff, fingerprint=fp, force=args.force, run=args.run)
     elif args.format == "peft":
         from .config import load_config
         from .models import hub_id
 
         name = hub_id(load_config(Path(args.run) / "config.yaml").model.name)
-        path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force)
+        path = export.save_peft(model, out, fingerprint=fp, base_name=name, force=args.force, run=args.run)
     else:
         path = export.save_control_vector(model, out, args.coeff, force=args.force)
     print(f"exported {args.format} to {path}")

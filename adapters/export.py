@@ -112,9 +112,24 @@ def _provenance(adapter, fingerprint: str | None, **extra) -> dict:
             "adapter": dataclasses.asdict(adapter.cfg), "base_fingerprint": fingerprint, **extra}
 
 
+def _card(run: str | Path | None, tmp: Path, library_name: str) -> None:
+    """The run's model card (README.md) and its plot into an export folder, before the manifest
+    lists the folder's files."""
+    if run is None:
+        return
+    import shutil
+
+    from .card import write_card
+
+    if (Path(run) / "report.png").is_file():
+        shutil.copyfile(Path(run) / "report.png", tmp / "report.png")
+    write_card(run, tmp, library_name)
+
+
 def save_merged(model: nn.Module, tokenizer, folder: str | Path, c: float = 1.0,
-                fingerprint: str | None = None, force: bool = False) -> Path:
-    """``save_pretrained`` folder of the base model with the adapter merged at ``c``."""
+                fingerprint: str | None = None, force: bool = False, run: str | Path | None = None) -> Path:
+    """``save_pretrained`` folder of the base model with the adapter merged at ``c`` (with ``run``,
+    the run folder's model card)."""
     adapter = attached_adapter(model)
     folder = check_destination(folder, force)
     merged = merged_model(model, c)
@@ -122,13 +137,15 @@ def save_merged(model: nn.Module, tokenizer, folder: str | Path, c: float = 1.0,
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _card(run, tmp, "transformers")
         _write_manifest(tmp, _provenance(adapter, fingerprint, coefficient=float(c)))
     return folder
 
 
 def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = None,
-              base_name: str | None = None, force: bool = False) -> Path:
-    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+              base_name: str | None = None, force: bool = False, run: str | Path | None = None) -> Path:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; with
+    ``run``, the run folder's model card instead of peft's empty template)."""
     adapter = attached_adapter(model)
     if not isinstance(adapter, PeftAdapter):
         peft_kinds = sorted(k for k, cls in KINDS.items() if issubclass(cls, PeftAdapter))
@@ -140,6 +157,7 @@ def save_peft(model: nn.Module, folder: str | Path, fingerprint: str | None = No
         if base_name is not None:
             model.peft_config["default"].base_model_name_or_path = base_name
         model.save_pretrained(tmp)
+        _card(run, tmp, "peft")
         _write_manifest(tmp, _provenance(adapter, fingerprint, coefficient_note=(
                        "computes coefficient +1; for LoRA use peft.helpers.rescale_adapter_scale(model, c) "
                        "for coefficient c" if adapter.kind == "lora" else

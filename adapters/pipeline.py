@@ -491,6 +491,7 @@ def fit(run: Run) -> bool:
 def finish(run: Run) -> None:
     """Save the adapter (the base must be untouched), drop the checkpoint, evaluate, write the
     report and timing.json."""
+    from .card import write_card
     from .checkpoint import FOLDER as CKPT
     from .io import write_json
     from .run import save_adapter
@@ -506,6 +507,7 @@ def finish(run: Run) -> None:
     if run.cfg.eval.enabled:
         evaluate(run)
     run.lap("evaluate")
+    write_card(run.folder)  # README.md: a model card with the evaluation, for the Hub as it is
     steps = run.cfg.train.steps - run.start
     write_json(run.folder / "timing.json", {
         "seconds": time.time() - run.t0, "fit_seconds": run.fit_seconds,

@@ -36,7 +36,7 @@ class RunError(UserError):
 # everything train.py and `eval` write into a run folder; the adapter first, so that a kill while
 # clearing never leaves a folder that looks finished
 RUN_FILES = ("adapter.safetensors", "config.yaml", "directions.safetensors", "directions.json", "completions.jsonl",
-             "report.md", "report.csv", "report_rows.csv", "report.json", "report.png", "timing.json")
+             "report.md", "report.csv", "report_rows.csv", "report.json", "report.png", "timing.json", "README.md")
 RUN_FOLDERS = ("checkpoint", "eval", "wandb")
 
 

@@ -20,7 +20,7 @@ from conftest import logits, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = ["config.yaml", "directions.safetensors", "directions.json", "adapter.safetensors",
-             "report.md", "report.csv", "report.json", "report.png"]
+             "report.md", "report.csv", "report.json", "report.png", "README.md"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,18 @@ def test_train_writes_a_complete_run(lora_run, tiny_dir):
     assert "| method | slope | r2 | valid_frac | effect_size | p_value | score | min | max |" in \
         (run_dir / "report.md").read_text()
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_folder_holds_a_model_card_the_hub_reads(lora_run, tiny_dir):
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = lora_run
+    card = ModelCard.load(run_dir / "README.md")
+    assert card.data.base_model == tiny_dir and card.data.library_name == "contrastive-adapters"
+    assert {"steering", "contrastive-adapters", "lora"} <= set(card.data.tags)
+    summary = json.loads((run_dir / "report.json").read_text())["summary"]
+    adapter = next(r for r in summary if r["method"] == "adapter")
+    assert f"| adapter | {adapter['slope']:+.3g} |" in card.text and "![dose-response](report.png)" in card.text
 
 
 def test_load_run_at_zero_is_the_base_model(lora_run, tiny_dir, tokenizer):
@@ -167,6 +179,14 @@ def test_export_cli(lora_run, tiny_dir, tokenizer, tmp_path, capsys):
     assert cli.main(["export", "--run", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == tiny_dir
+    from huggingface_hub import ModelCard
+
+    for folder, library in (("merged", "transformers"), ("peft", "peft")):  # the run's card, not peft's template
+        card = ModelCard.load(tmp_path / folder / "README.md")
+        assert card.data.library_name == library and card.data.base_model == tiny_dir, folder
+        assert "## Evaluation" in card.text and (tmp_path / folder / "report.png").is_file()
+    assert cli.main(["export", "--run", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft"),
+                     "--force"]) == 0  # the card and plot are the export's own files: --force replaces them
 
     assert cli.main(["export", "--run", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
     assert "only additive adapters" in capsys.readouterr().err
