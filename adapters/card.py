@@ -21,7 +21,8 @@ USAGE = {
     "contrastive-adapters": ["```python", "from adapters import load_run, steer", "",
                              "model, tokenizer = load_run(\"path/to/this/folder\")",
                              "with steer(model, -1.0):  # any coefficient; 0 is the base model",
-                             "    out = model.generate(**tokenizer(\"Tell me about yourself.\", return_tensors=\"pt\"))",
+                             "    ids = tokenizer(\"Tell me about yourself.\", return_tensors=\"pt\")",
+                             "    out = model.generate(**ids)",
                              "```"],
     "peft": ["A peft adapter folder: it computes coefficient +1 (for LoRA, "
              "`peft.helpers.rescale_adapter_scale(model, c)` gives coefficient c).", "", "```python",
