@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_config
+from .evaluate.report import md_table
 from .io import atomic_write_text
 from .models import hub_id
 
@@ -69,10 +70,8 @@ def card_text(run: str | Path, library_name: str = "contrastive-adapters", plot:
                   "Held-out probes never used in training; shift = the largest move of the probe score away from "
                   "c = 0 within the neutral-text ΔNLL budget (nats/token).", ""]
         for probe in dict.fromkeys(r["probe"] for r in summary):
-            lines += [f"### {probe}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in COLUMNS) + " |"
-                      for r in summary if r["probe"] == probe]
-            lines.append("")
+            lines += [f"### {probe}", ""] + md_table(list(COLUMNS), [[_fmt(r.get(c, "")) for c in COLUMNS]
+                                                                  for r in summary if r["probe"] == probe]) + [""]
         if plot:
             lines += ["![dose-response](report.png)", ""]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(lines)
