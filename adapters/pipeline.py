@@ -357,7 +357,7 @@ def _logger(run: Run):
     from lightning.pytorch.loggers import WandbLogger
 
     from .config import config_to_dict
-    from .models import hub_id
+    from .models import hub_id, numerics
 
     class StepLogger(WandbLogger):
         """Lightning's wandb logger, its steps shifted by the resumed run's first step (the
@@ -382,9 +382,9 @@ def _logger(run: Run):
     experiment.summary.update({f"directions/{k}/{layer}": v for layer, st in run.directions.stats.items()
                                for k, v in st.items()})
     experiment.config.update({"run": {
-        "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint,
-        "dtype": str(run.model.dtype).removeprefix("torch."), "trainable_parameters": run.trainable,
-        "loss_layers": list(run.directions.selected), "behaviour_prompts": len(run.behaviour)}}, allow_val_change=True)
+        "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint, **numerics(run.model),
+        "trainable_parameters": run.trainable, "loss_layers": list(run.directions.selected),
+        "behaviour_prompts": len(run.behaviour)}}, allow_val_change=True)
     return StepLogger(**where, experiment=experiment)
 
 
