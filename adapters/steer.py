@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import queue
+import threading
 from typing import Iterator
 
 import torch
@@ -88,19 +90,93 @@ def generate(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens:
              system: str = "") -> dict[float, str]:
     """Greedy completions of ``prompt`` (chat template applied) at each coefficient; refuses a
     coefficient where the model's outputs are not finite."""
+    texts = {}
+    for texts in stream(model, tokenizer, prompt, coeffs, max_new_tokens, system):
+        pass
+    return texts
+
+
+def stream(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: int = 48, system: str = "",
+           stop: threading.Event | None = None) -> Iterator[dict[float, str]]:
+    """Greedy completions of ``prompt`` (chat template applied) at each coefficient, yielded as
+    they grow: a dict {c: text so far} after every generated token.
+
+    c = 0 runs alone, as the base model (the same call as ``model.generate`` without an
+    adapter); the other coefficients run as one batch when the adapter takes per-example
+    coefficients, else one after the other. Setting ``stop`` (or closing the generator) ends
+    generation after the current token. A coefficient whose outputs are not finite raises
+    ``CoefficientError`` once the others are done."""
     from .data import render
 
-    msgs_text = render(tokenizer, prompt, "", system)
-    enc = tokenizer(msgs_text, return_tensors="pt", add_special_tokens=False)
+    coeffs = list(dict.fromkeys(float(check_coeff(c)) for c in coeffs))
+    enc = tokenizer(render(tokenizer, prompt, "", system), return_tensors="pt", add_special_tokens=False)
+    steered = [c for c in coeffs if c != 0.0]
+    groups = ([[0.0]] if 0.0 in coeffs else []) + (
+        [steered] if attached_adapter(model).per_example and steered else [[c] for c in steered])
+    texts = {c: "" for c in coeffs}
+    bad = []
+    stop = stop or threading.Event()
+    try:
+        for group in groups:
+            rows = _Rows(tokenizer, len(group))
+            worker = threading.Thread(target=_generate_rows, args=(model, tokenizer, enc, group, max_new_tokens,
+                                                                   rows, stop), daemon=True)
+            worker.start()
+            while (item := rows.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                texts.update(zip(group, item))
+                yield dict(texts)
+            worker.join()
+            bad += [c for c, ok in zip(group, rows.finite) if not ok]
+    finally:
+        stop.set()  # a closed generator (a cancelled request) stops its worker after one token
+    if bad:
+        raise CoefficientError(f"at coefficient {', '.join(f'{c:+g}' for c in bad)} the model's outputs are not "
+                               "finite (the adapter overflows the activations there); use a smaller |c|")
+
+
+class _Rows:
+    """A ``generate`` streamer for a batch of rows: decodes each row's new tokens and queues the
+    texts (the rows' ends are each row's own end-of-sequence token)."""
+
+    def __init__(self, tokenizer, n: int):
+        self.tokenizer, self.queue = tokenizer, queue.SimpleQueue()
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.done, self.finite, self.prompt = [False] * n, [True] * n, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:  # generate's first call hands over the prompt
+            self.prompt = False
+            return
+        eos = self.tokenizer.eos_token_id
+        for i, t in enumerate(value.view(-1).tolist()):
+            if not self.done[i]:
+                self.done[i] = t == eos
+                self.ids[i].append(t)
+        self.queue.put([self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.ids])
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def _generate_rows(model, tokenizer, enc, group: list[float], max_new_tokens: int, rows: _Rows,
+                   stop: threading.Event) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
     device = next(model.parameters()).device
-    out = {}
-    for c in coeffs:
+    c = torch.tensor(group, dtype=torch.float32, device=device) if len(group) > 1 else group[0]
+    try:
         with steer(model, c), torch.no_grad():
-            gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                 return_dict_in_generate=True)
-        if not all(bool(torch.isfinite(step).all()) for step in gen.logits):
-            raise CoefficientError(f"at coefficient {c:+g} the model's outputs are not finite (the adapter overflows "
-                                   "the activations there); use a smaller |c|")
-        out[c] = tokenizer.decode(gen.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return out
+            gen = model.generate(**{k: v.to(device).repeat(len(group), 1) for k, v in enc.items()},
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 output_logits=True, return_dict_in_generate=True, streamer=rows,
+                                 stopping_criteria=StoppingCriteriaList([Stop()]))
+        rows.finite = [all(bool(torch.isfinite(step[i]).all()) for step in gen.logits) for i in range(len(group))]
+    except BaseException as e:  # handed to the consumer's thread
+        rows.queue.put(e)
+        rows.queue.put(None)
