@@ -10,6 +10,10 @@
         train several configs (and seeds) and tabulate them side by side (see adapters/compare.py)
     python -m adapters eval --run runs/<name> [--questions FILE] [--probes ...] [--coeffs ...] [--out DIR]
         the dose-response evaluation of a trained run against the baselines (adapters/evaluate/)
+    python -m adapters serve --run runs/<name> [--host 127.0.0.1] [--port 7860]
+        a steering playground in the browser (adapters/serve.py; pip install -e ".[app]")
+    python -m adapters push --run runs/<name> --repo user/name
+        upload a run folder to the Hugging Face Hub (adapters/hub.py); --run takes user/name everywhere
     python -m adapters sweep --config configs/sweep/layer_types.yaml [--force]
         steering vectors over direction methods x layer types, one table (see adapters/sweep.py)
 """
@@ -116,6 +120,18 @@ def parser() -> argparse.ArgumentParser:
                    help="coefficients (default: the run's)")
     v.add_argument("--baselines", nargs="*", default=None, help="baselines (default: the run's eval.baselines)")
     v.add_argument("--out", default=None, help="report folder (default: <run>/eval)")
+    s = sub.add_parser("serve", help="a steering playground in the browser (Gradio; pip install -e \".[app]\")")
+    s.add_argument("--run", required=True, help="run folder, a folder of runs (a compare output) or a Hub repo id")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=positive_int, default=7860)
+    s.add_argument("--max-new-tokens", type=positive_int, default=256, help="the most a request may generate")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default=None, help="model dtype (default: the run's)")
+    p = sub.add_parser("push", help="upload a run folder to the Hugging Face Hub")
+    p.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    p.add_argument("--repo", required=True, help="Hub model repo id: user/name (created when it does not exist)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s)")
     w = sub.add_parser("sweep", help="steering vectors over direction methods x layer types")
     w.add_argument("--config", required=True, help="sweep config (e.g. configs/sweep/layer_types.yaml)")
     w.add_argument("--force", action="store_true", help="recompute layer types already in <out>/parts")
@@ -143,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     try:
-        return {"eval": eval_main, "export": export_main, "generate": generate_main}[args.cmd](args)
+        return {"eval": eval_main, "export": export_main, "generate": generate_main, "serve": serve_main,
+                "push": push_main}[args.cmd](args)
     except UserError as e:  # bad input, caught once for these commands; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,15 +180,31 @@ def generate_main(args) -> int:
     return 0
 
 
+def serve_main(args) -> int:
+    from .serve import main as serve
+
+    return serve(args)
+
+
+def push_main(args) -> int:
+    from .hub import push
+
+    url = push(args.run, args.repo, private=args.private, token=args.token)
+    print(f"pushed {args.run} to https://huggingface.co/{args.repo} ({url})")
+    return 0
+
+
 def export_main(args) -> int:
     from pathlib import Path
 
     from . import export
     from .models import base_fingerprint
     from .pipeline import load_run
+    from .run import resolve
     from .steer import check_coeff
 
     check_coeff(args.coeff)
+    args.run = str(resolve(args.run))  # a Hub repo id: its snapshot
     out = Path(args.out).expanduser().resolve()  # checked before the model loads
     if out == Path(args.run).resolve() or out in Path(args.run).resolve().parents:
         raise export.ExportError(f"--out {args.out} is the run folder {args.run} or holds it; export elsewhere")

@@ -18,6 +18,7 @@ clears them first: ``clear_run``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +39,27 @@ class RunError(UserError):
 RUN_FILES = ("adapter.safetensors", "config.yaml", "directions.safetensors", "directions.json", "completions.jsonl",
              "report.md", "report.csv", "report_rows.csv", "report.json", "report.png", "timing.json", "README.md")
 RUN_FOLDERS = ("checkpoint", "eval", "wandb")
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+"""A Hugging Face Hub model repo id, optionally at a revision: ``user/name`` or ``user/name@rev``."""
+
+
+def resolve(source: str | Path) -> Path:
+    """The run folder at ``source``: a folder on disk, or a Hub repo id (``user/name[@revision]``),
+    which ``huggingface_hub.snapshot_download`` brings into the Hugging Face cache (with
+    ``HF_HUB_OFFLINE=1`` from that cache alone)."""
+    path = Path(source).expanduser()
+    if path.exists() or not HUB_REPO.fullmatch(str(source)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = str(source).partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, repo_type="model"))
+    except Exception as e:  # offline and not cached, no such repo, no access, no network: all the user's to fix
+        raise RunError(f"{source} is neither a folder here nor a Hub repo that can be fetched "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 def run_files(folder: str | Path) -> list[Path]:
