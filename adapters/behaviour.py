@@ -38,6 +38,7 @@ from .config import Config
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
 from .io import atomic_write_text, load_tensors, save_tensors
+from .quiet import progress
 
 
 class BehaviourError(UserError):
@@ -136,7 +137,7 @@ def generate(model, tokenizer, users: list[str], openings: list[str], systems: l
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(seqs)
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), "behaviour completions"):
         rows = order[b:b + batch_size]
         ids, attn = pad_left([seqs[i] for i in rows], tokenizer.pad_token_id)
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
@@ -314,7 +315,7 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch
                              "non-empty chosen / rejected completions")
     out = []
     chunk_size = max(1, batch_size // 2)  # prompts at a time (6 sequences each): full-vocabulary log-probs are large
-    for c in range(0, len(keep), chunk_size):
+    for c in progress(range(0, len(keep), chunk_size), "behaviour teacher", unit="chunk"):
         chunk = keep[c:c + chunk_size]
         flat = [seq for enc in chunk for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
         lps = _completion_logprobs(model, tokenizer.pad_token_id, flat, batch_size)

@@ -48,3 +48,11 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.start == start for f in logger.filters):
             logger.addFilter(_Drop(start))
+
+
+def progress(iterable, desc: str, total: int | None = None, unit: str = "batch"):
+    """A progress bar on stderr for a long stage (tqdm, Lightning's own fallback bar): shown only
+    on a terminal, and gone when the stage ends (its summary line stays)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)

@@ -54,3 +54,50 @@ def test_every_entry_drops_its_message_and_only_it(caplog):
             logging.getLogger(name).warning(start + " and the rest of the message: %s", "detail")
             logging.getLogger(name).warning("another message")
         assert [r.getMessage() for r in caplog.records] == ["another message"]
+
+
+def _in_a_terminal(cmd: list[str], cwd, timeout: float = 300, env=None) -> str:
+    """What ``cmd`` writes to a 120-column pseudo-terminal (stdout and stderr)."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=child, stderr=child, cwd=cwd, env=env)
+    os.close(child)
+    out = b""
+    while select.select([main], [], [], timeout)[0]:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    proc.wait(timeout=60)
+    os.close(main)
+    return out.decode(errors="replace")
+
+
+def test_every_long_stage_shows_a_progress_bar_in_a_terminal(tiny_dir, tmp_path):
+    """Directions, behaviour completions, the teacher and the evaluation each draw a bar on a
+    terminal (and none where the output is not a terminal: the tests' own captured runs)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import tiny_config
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(tiny_dir, tmp_path / "runs", "lora")))
+    root = Path(__file__).resolve().parents[1]
+    out = _in_a_terminal([sys.executable, str(root / "train.py"), "--config", str(tmp_path / "tiny.yaml")], root)
+    assert "done in" in out, out[-2000:]
+    for stage in ("hidden states of the pairs", "behaviour completions", "behaviour teacher", "evaluation"):
+        assert re.search(rf"{stage}:\s+\d+%", out), f"no bar for {stage}"

@@ -31,6 +31,7 @@ import torch
 from .. import hidden
 from ..config import Config, EvalConfig
 from ..probes import ContinuationProbe, Probe, load_probe, neutral_texts
+from ..quiet import progress
 from .methods import Inputs, Method, adapter_method, baseline_methods
 from .metrics import bootstrap_ci, shift_within, summarize
 from .report import Report
@@ -150,7 +151,7 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
 def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], cfg: EvalConfig, log=print) -> Report:
     neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
     report = Report()
-    for m in methods:
+    for m in progress(methods, "evaluation", unit="method"):
         try:
             ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
         except NonFiniteOutputs as e:
