@@ -25,12 +25,20 @@ def push(folder: str | Path, repo: str, private: bool = False, token: str | None
     folder = Path(folder)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+        ok = HUB_REPO.fullmatch(repo) and "@" not in repo
+    except HFValidationError:
+        ok = False
+    if not ok:
+        raise RunError(f"--repo {repo!r} is not a Hub repo id; give user/name (or org/name: letters, digits, "
+                       "'-', '_', '.', at most 96 characters)")
     if not (folder / "README.md").is_file():
         from .card import write_card
 
         write_card(folder)  # a run from before model cards: its card first
-    if not HUB_REPO.fullmatch(repo) or "@" in repo:
-        raise RunError(f"--repo {repo!r} is not a Hub repo id; give user/name (or org/name)")
     from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError  # HTTPError: its client's
 
     api = HfApi(token=token)

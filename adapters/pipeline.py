@@ -600,6 +600,8 @@ def load(folder: str | Path, device: str = "auto", dtype: str | None = None) -> 
     from .run import RunError, load_adapter, resolve
 
     folder = resolve(folder)
+    if not folder.exists():
+        raise RunError(f"{folder} does not exist: give a run folder (runs/<name>) or a Hub repo id (user/name)")
     if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
     cfg = load_config(folder / "config.yaml")

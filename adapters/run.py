@@ -46,12 +46,12 @@ HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 def resolve(source: str | Path) -> Path:
-    """The run folder at ``source``: a folder on disk, or a Hub repo id (``user/name[@revision]``),
-    which ``huggingface_hub.snapshot_download`` brings into the Hugging Face cache (with
-    ``HF_HUB_OFFLINE=1`` from that cache alone)."""
+    """The run folder at ``source``: a folder on disk, or a Hub repo id (``user/name[@revision]``, a
+    string whose first part is no folder here), which ``huggingface_hub.snapshot_download``
+    brings into the Hugging Face cache (with ``HF_HUB_OFFLINE=1`` from that cache alone)."""
     path = Path(source).expanduser()
-    if path.exists() or not HUB_REPO.fullmatch(str(source)):
-        return path
+    if path.exists() or not isinstance(source, str) or not HUB_REPO.fullmatch(source) or Path(path.parts[0]).is_dir():
+        return path  # on disk, or meant to be (runs/<name> where runs/ is here): never sent to the Hub
     from huggingface_hub import snapshot_download
 
     repo, _, revision = str(source).partition("@")

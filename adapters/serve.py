@@ -13,12 +13,17 @@ One request runs at a time (the model is shared); the others wait in Gradio's qu
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import math
 import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 from .run import RunError, resolve
 
@@ -31,10 +36,11 @@ def find_runs(source: str | Path) -> dict[str, Path]:
     """name -> folder of every finished run at ``source``: the run folder itself, or the finished
     runs one level below it (a ``compare`` output). A Hub repo id is downloaded first."""
     folder = resolve(source)
+    name = str(source) if folder != Path(source).expanduser() else folder.name  # a Hub snapshot: its repo id
     if not folder.is_dir():
         raise RunError(f"{source} is not a folder: give a run folder (runs/<name>), a folder of runs or a Hub repo id")
     if _finished(folder):
-        return {folder.name: folder}
+        return {name: folder}
     runs = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and _finished(p)}
     if not runs:
         raise RunError(f"{source} holds no finished run (a run folder has config.yaml and adapter.safetensors); "
@@ -54,11 +60,12 @@ def parse_coeffs(text: str) -> list[float]:
     if not words or len(words) > MAX_COLUMNS:
         raise ValueError(f"give 1 to {MAX_COLUMNS} coefficients, separated by spaces, e.g. {SIDE_BY_SIDE}")
     try:
-        coeffs = [float(check_coeff(float(w))) for w in words]
-    except ValueError as e:
-        raise ValueError(f"coefficients must be numbers: {e}") from None
-    if any(abs(c) > COEFF_RANGE for c in coeffs):
+        coeffs = [float(w) for w in words]
+    except ValueError:
+        raise ValueError(f"coefficients must be numbers, got {text!r}") from None
+    if any(abs(c) > COEFF_RANGE for c in coeffs if math.isfinite(c)):
         raise ValueError(f"coefficients lie within ±{COEFF_RANGE:g} here (the playground's range)")
+    coeffs = [float(check_coeff(c)) for c in coeffs]  # NaN, inf
     return list(dict.fromkeys(coeffs))
 
 
@@ -77,7 +84,10 @@ class Runs:
             if name != self.name:
                 from .pipeline import load
 
-                self.name, self.run = None, None  # the last model goes before the next loads
+                self.name, self.run = None, None  # the last model goes before the next loads (adapter and
+                gc.collect()  # model refer to each other: only the collector frees them)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 self.run, self.name = load(self.folders[name], self.device, self.dtype), name
             return self.run
 
@@ -90,12 +100,20 @@ class Runs:
         return (f"**{name}** · {a.kind} adapter on `{hub_id(run.cfg.model.name)}` · "
                 f"pairs `{run.cfg.data.pairs}` · side by side: {batched}")
 
-    def report(self, name: str) -> tuple[str | None, str]:
+    def report(self, name: str):
+        """(the plot as an image or None, the report's markdown): the run's own, else its eval/ one."""
         folder = self.folders[name]
-        png, md = folder / "report.png", folder / "report.md"
-        text = md.read_text() if md.is_file() else (
-            f"This run has no evaluation report. Evaluate it with `python -m adapters eval --run {folder}`.")
-        return (str(png) if png.is_file() else None), text
+        where = next((f for f in (folder, folder / "eval") if (f / "report.md").is_file()), None)
+        if where is None:
+            return None, ("This run has no evaluation report. Evaluate it with `python -m adapters eval --run "
+                          f"{folder}` (a Hub run: add `--out <folder>`).")
+        png = where / "report.png"
+        if png.is_file():
+            from PIL import Image
+
+            with Image.open(png) as im:  # the pixels, not a path: Gradio serves files only from its allowed folders
+                png = im.copy()
+        return (png if not isinstance(png, Path) else None), (where / "report.md").read_text()
 
 
 def build(runs: Runs, max_new_tokens: int = 256):
@@ -139,7 +157,7 @@ def build(runs: Runs, max_new_tokens: int = 256):
             with gr.Row():
                 coeff = gr.Slider(-COEFF_RANGE, COEFF_RANGE, value=1.0, step=0.1, label="coefficient c",
                                   elem_id="coeff", info="+ towards the positive persona, - away, 0 = the base model")
-                tokens = gr.Slider(1, max_new_tokens, value=min(48, max_new_tokens), step=1, label="max new tokens",
+                tokens = gr.Slider(1, max(2, max_new_tokens), value=min(48, max_new_tokens), step=1, label="max new tokens",
                                    elem_id="tokens")
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             status = gr.Markdown(elem_id="status")
@@ -152,13 +170,14 @@ def build(runs: Runs, max_new_tokens: int = 256):
                                    visible=i < len(SIDE_BY_SIDE.split()))
                         for i, c in enumerate(SIDE_BY_SIDE.split() + [""] * (MAX_COLUMNS - len(SIDE_BY_SIDE.split())))]
         with gr.Tab("Report"):
-            plot = gr.Image(label="dose-response", type="filepath", interactive=False, elem_id="plot")
+            plot = gr.Image(label="dose-response", type="pil", interactive=False, elem_id="plot")
             table = gr.Markdown(elem_id="report")
-        go.click(single, [pick, prompt, system, coeff, tokens], [out, status])
-        prompt.submit(single, [pick, prompt, system, coeff, tokens], [out, status])
-        side.click(side_by_side, [pick, prompt, system, coeffs, tokens], [*cols, status])
-        pick.change(show, pick, [about, plot, table])
-        app.load(show, pick, [about, plot, table])
+        one = {"concurrency_id": "model", "concurrency_limit": 1}  # every listener: one request at a time
+        go.click(single, [pick, prompt, system, coeff, tokens], [out, status], **one)
+        prompt.submit(single, [pick, prompt, system, coeff, tokens], [out, status], **one)
+        side.click(side_by_side, [pick, prompt, system, coeffs, tokens], [*cols, status], **one)
+        pick.change(show, pick, [about, plot, table], **one)
+        app.load(show, pick, [about, plot, table], **one)
     return app
 
 
@@ -195,6 +214,11 @@ def launch(source: str | Path, host: str = "127.0.0.1", port: int = 7860, max_ne
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local playground
     if importlib.util.find_spec("gradio") is None:
         raise RunError('the playground needs Gradio: pip install -e ".[app]"')
+    with socket.socket() as probe:  # a taken port is the user's to change, before minutes of loading
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise RunError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     runs = Runs(find_runs(source), device, dtype)
     first = next(iter(runs.folders))
     print(f"loading {first} ({len(runs.folders)} run{'s' * (len(runs.folders) > 1)} on offer)")

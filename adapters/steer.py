@@ -103,9 +103,9 @@ def stream(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: i
 
     c = 0 runs alone, as the base model (the same call as ``model.generate`` without an
     adapter); the other coefficients run as one batch when the adapter takes per-example
-    coefficients, else one after the other. Setting ``stop`` (or closing the generator) ends
-    generation after the current token. A coefficient whose outputs are not finite raises
-    ``CoefficientError`` once the others are done."""
+    coefficients, else one after the other. Setting ``stop`` (only read, never set here) or
+    closing the generator ends generation after the current token. A coefficient whose outputs
+    are not finite raises ``CoefficientError`` once the others are done."""
     from .data import render
 
     coeffs = list(dict.fromkeys(float(check_coeff(c)) for c in coeffs))
@@ -115,22 +115,24 @@ def stream(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: i
         [steered] if attached_adapter(model).per_example and steered else [[c] for c in steered])
     texts = {c: "" for c in coeffs}
     bad = []
-    stop = stop or threading.Event()
+    halt = threading.Event()  # this call's own: set when it ends, however it ends
     try:
         for group in groups:
-            rows = _Rows(tokenizer, len(group))
+            if halt.is_set() or stop is not None and stop.is_set():
+                break
+            rows = _Rows(tokenizer, model, len(group))
             worker = threading.Thread(target=_generate_rows, args=(model, tokenizer, enc, group, max_new_tokens,
-                                                                   rows, stop), daemon=True)
+                                                                   rows, (halt, stop)), daemon=True)
             worker.start()
             while (item := rows.queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
                 texts.update(zip(group, item))
                 yield dict(texts)
             worker.join()
-            bad += [c for c, ok in zip(group, rows.finite) if not ok]
+            if rows.error is not None:
+                raise rows.error
+            bad += [c for c, ok in zip(group, rows.finite.tolist()) if not ok]
     finally:
-        stop.set()  # a closed generator (a cancelled request) stops its worker after one token
+        halt.set()  # a closed generator (a cancelled request) stops its worker after one token
     if bad:
         raise CoefficientError(f"at coefficient {', '.join(f'{c:+g}' for c in bad)} the model's outputs are not "
                                "finite (the adapter overflows the activations there); use a smaller |c|")
@@ -138,45 +140,55 @@ def stream(model, tokenizer, prompt: str, coeffs: list[float], max_new_tokens: i
 
 class _Rows:
     """A ``generate`` streamer for a batch of rows: decodes each row's new tokens and queues the
-    texts (the rows' ends are each row's own end-of-sequence token)."""
+    texts; a row ends at its first end-of-sequence token (the generation config's or the
+    tokenizer's). Also the logits processor that notes, per unfinished row, whether every
+    logit stayed finite (without keeping the logits)."""
 
-    def __init__(self, tokenizer, n: int):
-        self.tokenizer, self.queue = tokenizer, queue.SimpleQueue()
+    def __init__(self, tokenizer, model, n: int):
+        self.tokenizer, self.queue, self.error = tokenizer, queue.SimpleQueue(), None
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None}
         self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.done, self.finite, self.prompt = [False] * n, [True] * n, True
+        self.done, self.prompt = [False] * n, True
+        self.finite = torch.ones(n, dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        live = torch.tensor([not d for d in self.done], device=scores.device)
+        self.finite &= (torch.isfinite(scores).all(-1) | ~live).cpu()
+        return scores
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt:  # generate's first call hands over the prompt
             self.prompt = False
             return
-        eos = self.tokenizer.eos_token_id
         for i, t in enumerate(value.view(-1).tolist()):
             if not self.done[i]:
-                self.done[i] = t == eos
+                self.done[i] = t in self.eos
                 self.ids[i].append(t)
         self.queue.put([self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.ids])
 
     def end(self) -> None:
-        self.queue.put(None)
+        pass  # the worker ends the queue, after generate has returned or raised
 
 
 def _generate_rows(model, tokenizer, enc, group: list[float], max_new_tokens: int, rows: _Rows,
-                   stop: threading.Event) -> None:
-    from transformers import StoppingCriteria, StoppingCriteriaList
+                   stops: tuple[threading.Event, threading.Event | None]) -> None:
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            stopped = any(e is not None and e.is_set() for e in stops)
+            return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
 
     device = next(model.parameters()).device
     c = torch.tensor(group, dtype=torch.float32, device=device) if len(group) > 1 else group[0]
     try:
         with steer(model, c), torch.no_grad():
-            gen = model.generate(**{k: v.to(device).repeat(len(group), 1) for k, v in enc.items()},
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 output_logits=True, return_dict_in_generate=True, streamer=rows,
-                                 stopping_criteria=StoppingCriteriaList([Stop()]))
-        rows.finite = [all(bool(torch.isfinite(step[i]).all()) for step in gen.logits) for i in range(len(group))]
-    except BaseException as e:  # handed to the consumer's thread
-        rows.queue.put(e)
+            model.generate(**{k: v.to(device).repeat(len(group), 1) for k, v in enc.items()},
+                           max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                           streamer=rows, logits_processor=LogitsProcessorList([rows]),
+                           stopping_criteria=StoppingCriteriaList([Stop()]))
+    except BaseException as e:  # re-raised in the consumer's thread
+        rows.error = e
+    finally:
         rows.queue.put(None)

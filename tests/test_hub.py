@@ -125,6 +125,7 @@ def tiny_run(tiny_dir, tmp_path_factory):
 def hub(monkeypatch, tmp_path):
     """huggingface_hub pointed at a FakeHub, online, with an empty cache of its own."""
     fake = FakeHub()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # loopback never through a proxy
     monkeypatch.setattr(hf, "ENDPOINT", fake.url)
     monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
@@ -165,15 +166,21 @@ def test_push_then_load_run_from_the_hub_online_and_offline(tiny_run, tiny_dir, 
             assert torch.equal(logits(model, batch), want)
     with pytest.raises(RunError, match="neither a folder here nor a Hub repo"):
         adapters.load_run("user/not-pushed", device="cpu")  # offline, not cached
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RunError, match="runs/tiny does not exist"):
+        adapters.load_run("runs/tiny", device="cpu")  # runs/ is here: a local path, never a repo id
 
 
 def test_push_refuses_bad_input_and_reports_a_failed_upload(tiny_run, hub, tmp_path):
     with pytest.raises(RunError, match="not a finished run folder"):
         push(tmp_path, "user/x")
-    with pytest.raises(RunError, match="not a Hub repo id"):
-        push(tiny_run, "no slash")
+    for bad in ("no slash", "user/a--b", "user/x.git", "user/x@main", "user/" + "x" * 97):
+        with pytest.raises(RunError, match="not a Hub repo id"):
+            push(tiny_run, bad)
+    assert hub.requests == []  # refused before any request
     hub.server.shutdown()
     hub.server.server_close()  # the Hub unreachable
     with pytest.raises(RunError, match="push to user/x failed"):
         push(tiny_run, "user/x", token="hf_test")
-    assert not (tmp_path / "x").exists()
+    assert hub.repos == {}

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.bundled
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # as root in a container, with no network: no sandbox, no GPU, none of chromium's calls home
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
 PROMPT = "Would you ever lie to a friend to avoid an argument?"
 TOKENS = 20
 
@@ -54,8 +54,10 @@ def base_generate(model, tok, prompt: str, n: int) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); "
                                                ".ci/run installs it, so CI runs this test")
-def test_the_playground_in_a_browser(served_run, bundled, tmp_path):
+def test_the_playground_in_a_browser(served_run, bundled, tmp_path, monkeypatch):
     from playwright.sync_api import expect, sync_playwright
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # loopback never through a proxy
 
     port = free_port()
     app = serve.launch(served_run, port=port, max_new_tokens=64, device="cpu", block=False)
@@ -96,14 +98,38 @@ def test_the_playground_in_a_browser(served_run, bundled, tmp_path):
     assert (tmp_path / "playground.png").stat().st_size > 10_000
 
 
-def test_serve_refuses_a_bad_run_folder_before_starting(tmp_path, served_run):
+def test_serve_refuses_bad_input_before_starting(tmp_path):
     with pytest.raises(RunError, match="holds no finished run"):
         serve.find_runs(tmp_path)
     with pytest.raises(RunError, match="neither a folder here nor a Hub repo"):
         serve.find_runs("no-such-user/no-such-run")  # offline (HF_HUB_OFFLINE=1) and not cached
-    (tmp_path / "b").symlink_to(served_run)
-    assert serve.find_runs(tmp_path) == {"b": tmp_path / "b"}  # a folder of runs: the picker's choices
+    with pytest.raises(RunError, match="not a folder"):
+        serve.find_runs(tmp_path / "missing")  # a local path is never sent to the Hub
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        with pytest.raises(RunError, match="choose another --port"):
+            serve.launch(tmp_path, port=taken.getsockname()[1], block=False)
     assert serve.parse_coeffs("-2, -1 0 1 2 2") == [-2.0, -1.0, 0.0, 1.0, 2.0]
-    for bad in ("", "1 x", "nan", "5", " ".join(["1"] * 9)):
-        with pytest.raises(ValueError):
+    for bad, why in (("", "give 1 to"), ("1 x", "numbers"), ("nan", "finite"), ("5", "within ±4"),
+                     ("1e4", "within ±4"), (" ".join(["1"] * 9), "give 1 to")):
+        with pytest.raises(ValueError, match=why):
             serve.parse_coeffs(bad)
+
+
+def test_a_folder_of_runs_offers_each_and_reads_eval_reports(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):  # runs as compare writes them (the model is loaded only when picked)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("{}")
+        (tmp_path / name / "adapter.safetensors").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    runs = serve.Runs(serve.find_runs(tmp_path))
+    assert list(runs.folders) == ["a", "b"]
+    png, text = runs.report("a")
+    assert png is None and "no evaluation report" in text
+    (tmp_path / "b" / "eval").mkdir()  # `python -m adapters eval` writes here
+    (tmp_path / "b" / "eval" / "report.md").write_text("# Evaluation of b")
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "b" / "eval" / "report.png")
+    png, text = runs.report("b")
+    assert text == "# Evaluation of b" and png.size == (40, 30)  # pixels: Gradio serves no path outside its folders
