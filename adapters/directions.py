@@ -51,7 +51,6 @@ from .data import PairCollator, encode_pairs
 from .errors import UserError
 from .io import load_tensors, read_json, save_tensors, write_json
 from .loss import masked_mean, token_nll
-from .quiet import progress
 
 _RIDGE = {**{f"fisher_steer_reg{k}": 10.0 ** -k for k in range(1, 6)},
           **{f"fisher_steer_cov_reg{k}": 10.0 ** -k for k in range(1, 6)}}
@@ -101,11 +100,9 @@ class Directions:
                    stats, meta["selected"], meta["fingerprint"])
 
 
-def _loader(tokenizer, pairs, max_length: int, batch_size: int):
-
+def _loader(tokenizer, pairs, max_length: int, batch_size: int) -> DataLoader:
     encoded = encode_pairs(tokenizer, pairs, max_length)
-    loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=PairCollator(tokenizer.pad_token_id))
-    return progress(loader, "hidden states of the pairs", total=len(loader))
+    return DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=PairCollator(tokenizer.pad_token_id))
 
 
 @torch.no_grad()
