@@ -116,35 +116,47 @@ class Runs:
         return (png if not isinstance(png, Path) else None), (where / "report.md").read_text()
 
 
-def build(runs: Runs, max_new_tokens: int = 256):
-    """The Gradio app (``gr.Blocks``) over ``runs``."""
-    import gradio as gr
+class _Handlers:
+    """What the page's events call: streamed generations and the run's report, errors as the page's messages."""
 
-    from .errors import UserError
+    def __init__(self, runs: Runs):
+        self.runs = runs
 
-    names = list(runs.folders)
+    def single(self, name, prompt, system, c, n):
+        import gradio as gr
 
-    def single(name, prompt, system, c, n):
         c = round(float(c), 2)  # the slider's steps of 0.1 arrive as 0.30000000000000004
-        for texts, status in _generate(runs, name, prompt, system, [c], n):
+        for texts, status in _generate(self.runs, name, prompt, system, [c], n):
             yield gr.update(value=texts[c], label=f"output at c = {c:+g}"), status
 
-    def side_by_side(name, prompt, system, text, n):
+    def side_by_side(self, name, prompt, system, text, n):
+        import gradio as gr
+
         try:
             coeffs = parse_coeffs(text)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         hidden = [gr.update(value="", visible=False)] * (MAX_COLUMNS - len(coeffs))
-        for texts, status in _generate(runs, name, prompt, system, coeffs, n):
+        for texts, status in _generate(self.runs, name, prompt, system, coeffs, n):
             yield [gr.update(value=texts[c], label=f"c = {c:+g}", visible=True) for c in coeffs] + hidden + [status]
 
-    def show(name):
+    def show(self, name):
+        import gradio as gr
+
+        from .errors import UserError
+
         try:
-            png, md = runs.report(name)
-            return runs.describe(name), png, md
+            png, md = self.runs.report(name)
+            return self.runs.describe(name), png, md
         except UserError as e:
             raise gr.Error(str(e)) from None
 
+
+def build(runs: Runs, max_new_tokens: int = 256):
+    """The Gradio app (``gr.Blocks``) over ``runs``."""
+    import gradio as gr
+
+    names, on = list(runs.folders), _Handlers(runs)
     with gr.Blocks(title="contrastive-adapters playground") as app:
         gr.Markdown("## contrastive-adapters · steering playground")
         pick = gr.Dropdown(names, value=names[0], label="run", visible=len(names) > 1, elem_id="run")
@@ -157,8 +169,8 @@ def build(runs: Runs, max_new_tokens: int = 256):
             with gr.Row():
                 coeff = gr.Slider(-COEFF_RANGE, COEFF_RANGE, value=1.0, step=0.1, label="coefficient c",
                                   elem_id="coeff", info="+ towards the positive persona, - away, 0 = the base model")
-                tokens = gr.Slider(1, max(2, max_new_tokens), value=min(48, max_new_tokens), step=1, label="max new tokens",
-                                   elem_id="tokens")
+                tokens = gr.Slider(1, max(2, max_new_tokens), value=min(48, max_new_tokens), step=1,
+                                   label="max new tokens", elem_id="tokens")
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             status = gr.Markdown(elem_id="status")
             out = gr.Textbox(label="output", lines=5, interactive=False, elem_id="output")
@@ -173,11 +185,11 @@ def build(runs: Runs, max_new_tokens: int = 256):
             plot = gr.Image(label="dose-response", type="pil", interactive=False, elem_id="plot")
             table = gr.Markdown(elem_id="report")
         one = {"concurrency_id": "model", "concurrency_limit": 1}  # every listener: one request at a time
-        go.click(single, [pick, prompt, system, coeff, tokens], [out, status], **one)
-        prompt.submit(single, [pick, prompt, system, coeff, tokens], [out, status], **one)
-        side.click(side_by_side, [pick, prompt, system, coeffs, tokens], [*cols, status], **one)
-        pick.change(show, pick, [about, plot, table], **one)
-        app.load(show, pick, [about, plot, table], **one)
+        go.click(on.single, [pick, prompt, system, coeff, tokens], [out, status], **one)
+        prompt.submit(on.single, [pick, prompt, system, coeff, tokens], [out, status], **one)
+        side.click(on.side_by_side, [pick, prompt, system, coeffs, tokens], [*cols, status], **one)
+        pick.change(on.show, pick, [about, plot, table], **one)
+        app.load(on.show, pick, [about, plot, table], **one)
     return app
 
 
