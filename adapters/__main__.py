@@ -13,7 +13,8 @@
     python -m adapters serve --run runs/<name> [--host 127.0.0.1] [--port 7860]
         a steering playground in the browser (adapters/serve.py; pip install -e ".[app]")
     python -m adapters push --run runs/<name> --repo user/name
-        upload a run folder to the Hugging Face Hub (adapters/hub.py); --run takes user/name everywhere
+        upload a run folder to the Hugging Face Hub (adapters/hub.py); serve, generate and export take
+        --run user/name
     python -m adapters sweep --config configs/sweep/layer_types.yaml [--force]
         steering vectors over direction methods x layer types, one table (see adapters/sweep.py)
 """
@@ -190,7 +191,7 @@ def push_main(args) -> int:
     from .hub import push
 
     url = push(args.run, args.repo, private=args.private, token=args.token)
-    print(f"pushed {args.run} to https://huggingface.co/{args.repo} ({url})")
+    print(f"pushed {args.run} to {args.repo}: {url}")
     return 0
 
 

@@ -21,12 +21,12 @@ def push(folder: str | Path, repo: str, private: bool = False, token: str | None
     """Create ``repo`` (a model repo; kept when it exists) and upload the run's files in one
     commit. Returns the commit's URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError  # HTTPError: its client's
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     folder = Path(folder)
     if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo)
         ok = HUB_REPO.fullmatch(repo) and "@" not in repo
@@ -39,8 +39,6 @@ def push(folder: str | Path, repo: str, private: bool = False, token: str | None
         from .card import write_card
 
         write_card(folder)  # a run from before model cards: its card first
-    from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError  # HTTPError: its client's
-
     api = HfApi(token=token)
     try:
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)

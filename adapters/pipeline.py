@@ -594,7 +594,8 @@ def _log_evaluation(run: Run, report, png: Path) -> None:
 def load(folder: str | Path, device: str = "auto", dtype: str | None = None) -> Run:
     """A finished run folder (or a Hub repo id holding one: ``run.resolve``) back: its config, the
     base model with the run's adapter attached (fingerprint and base weights checked) and the
-    checksum of the base weights. The directions are read on demand (``directions.Directions.load(run.folder, run.fingerprint)``)."""
+    checksum of the base weights. The directions are read on demand
+    (``directions.Directions.load(run.folder, run.fingerprint)``)."""
     from .config import load_config
     from .models import BaseChecksum, base_fingerprint, load_base
     from .run import RunError, load_adapter, resolve
