@@ -27,6 +27,7 @@ from torch import nn
 from . import hidden
 from .errors import UserError
 from .io import atomic_folder, write_json
+from .run import is_finished
 from .steer import check_coeff
 from .tuners import KINDS
 from .tuners.base import ATTR, attached_adapter
@@ -61,7 +62,7 @@ def check_destination(path: str | Path, force: bool = False, folder: bool = True
             raise ExportError(f"{path} is not a control vector written by an export; --force replaces only "
                               "those. Choose a new file") from None
         return path
-    if (path / "config.yaml").is_file() and (path / "adapter.safetensors").is_file():
+    if is_finished(path):
         raise ExportError(f"{path} is a run folder; exporting there would destroy the run. Choose a new folder")
     try:
         from .io import read_json

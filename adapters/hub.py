@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .run import HUB_REPO, RUN_FILES, RunError
+from .run import HUB_REPO, RUN_FILES, RunError, is_finished
 
 UPLOAD = [*RUN_FILES, "eval/*"]
 """The ``allow_patterns`` of the upload: the files a run folder's reader needs."""
@@ -25,7 +25,7 @@ def push(folder: str | Path, repo: str, private: bool = False, token: str | None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     folder = Path(folder)
-    if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
+    if not is_finished(folder):
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
     try:
         validate_repo_id(repo)

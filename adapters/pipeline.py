@@ -598,12 +598,12 @@ def load(folder: str | Path, device: str = "auto", dtype: str | None = None) -> 
     (``directions.Directions.load(run.folder, run.fingerprint)``)."""
     from .config import load_config
     from .models import BaseChecksum, base_fingerprint, load_base
-    from .run import RunError, load_adapter, resolve
+    from .run import RunError, is_finished, load_adapter, resolve
 
     folder = resolve(folder)
     if not folder.exists():
         raise RunError(f"{folder} does not exist: give a run folder (runs/<name>) or a Hub repo id (user/name)")
-    if not (folder / "config.yaml").is_file() or not (folder / "adapter.safetensors").is_file():
+    if not is_finished(folder):
         raise RunError(f"{folder} is not a finished run folder (needs config.yaml and adapter.safetensors)")
     cfg = load_config(folder / "config.yaml")
     model, tok = load_base(cfg.model.name, dtype or cfg.model.dtype, device, cfg.model.quantization)

@@ -62,6 +62,11 @@ def resolve(source: str | Path) -> Path:
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
+def is_finished(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run (its config and saved adapter)."""
+    return (folder / "config.yaml").is_file() and (folder / "adapter.safetensors").is_file()
+
+
 def run_files(folder: str | Path) -> list[Path]:
     """The run files (and folders) present in ``folder``, hidden checkpoint leftovers included."""
     folder = Path(folder)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .run import RunError, resolve
+from .run import RunError, is_finished, resolve
 
 COEFF_RANGE = 4.0
 MAX_COLUMNS = 8
@@ -39,17 +39,13 @@ def find_runs(source: str | Path) -> dict[str, Path]:
     name = str(source) if folder != Path(source).expanduser() else folder.name  # a Hub snapshot: its repo id
     if not folder.is_dir():
         raise RunError(f"{source} is not a folder: give a run folder (runs/<name>), a folder of runs or a Hub repo id")
-    if _finished(folder):
+    if is_finished(folder):
         return {name: folder}
-    runs = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and _finished(p)}
+    runs = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and is_finished(p)}
     if not runs:
         raise RunError(f"{source} holds no finished run (a run folder has config.yaml and adapter.safetensors); "
                        "train one first: python train.py --config configs/honesty.yaml")
     return runs
-
-
-def _finished(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and (folder / "adapter.safetensors").is_file()
 
 
 def parse_coeffs(text: str) -> list[float]:
