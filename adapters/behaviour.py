@@ -12,9 +12,10 @@ completion token, from the base model on the same completion tokens:
     lp_-  negative persona in the context
 
 each on a support ``idx`` of the S tokens most likely under any of the three, plus the log of
-the remaining mass. Completions are cached across runs under a key made of the base model's
-fingerprint and numerics (dtype, device, quantization), the prompts and the generation
-settings, and copied into the run folder.
+the remaining mass. Only the prompts that the run's training steps draw are completed and taught
+(``prepare``). Completions and teacher items are cached across runs, one entry per prompt, in
+files keyed by the base model's fingerprint and numerics (dtype, device, quantization) and the
+generation settings; the completions used are copied into the run folder.
 
 Prompt sources (``prompts_for``): the shipped user questions (facts, advice, opinions, small
 tasks, questions to the assistant; none is an evaluation probe), a sample of the training
@@ -37,7 +38,7 @@ import torch
 from .config import Config
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
-from .io import atomic_write_text, load_tensors, save_tensors
+from .io import DamagedFileError, atomic_write_text, load_tensors, save_tensors
 from .quiet import progress
 
 
@@ -150,11 +151,19 @@ def generate(model, tokenizer, users: list[str], openings: list[str], systems: l
     return out
 
 
-def cache_key(fingerprint: str, prompts: list[BehaviourPrompt], settings: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"fingerprint": fingerprint, "settings": settings,
-                         "prompts": [asdict(p) for p in prompts]}, sort_keys=True).encode())
-    return h.hexdigest()[:20]
+def digest(obj) -> str:
+    """A short hash of a JSON-able object (cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_jsonl(path: Path | None) -> list[dict]:
+    """A cache file's rows ([] where it is missing or damaged: the cache is then rebuilt)."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        return []
 
 
 @dataclass
@@ -169,22 +178,21 @@ class Completions:
 
 def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int, fingerprint: str,
                 cache: Path | None, batch_size: int = 16, log=print) -> Completions:
-    """y_h / y_d for every prompt: given ones as given, the rest generated (or read from the cache,
-    keyed by the model's fingerprint and numerics: greedy text under bf16 is not fp32's)."""
+    """y_h / y_d for every prompt: given ones as given, the rest read from the cache or generated.
+    The cache holds one row per prompt in a file keyed by the model's fingerprint and numerics
+    (greedy text under bf16 is not fp32's) and the generation settings, so a run that needs other
+    prompts of the same model generates only those."""
     from .models import numerics
 
-    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 1, "numerics": numerics(model)}
-    key = cache_key(fingerprint, prompts, settings)
-    path = cache / f"completions-{key}.jsonl" if cache else None
-    if path is not None and path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(rows) == len(prompts):
-            log(f"behaviour completions: {len(rows)} prompts from the cache ({path.name})")
-            return Completions(prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 2, "numerics": numerics(model)}
+    path = cache / f"completions-{digest({'fingerprint': fingerprint, 'settings': settings})}.jsonl" if cache else None
+    known = {r["key"]: r for r in _read_jsonl(path) if isinstance(r, dict) and {"key", "chosen", "rejected"} <= set(r)}
+    keys = [digest(asdict(p)) for p in prompts]
+    chosen = [p.chosen if p.chosen is not None else known.get(k, {}).get("chosen") for p, k in zip(prompts, keys)]
+    rejected = [p.rejected if p.rejected is not None else known.get(k, {}).get("rejected")
+                for p, k in zip(prompts, keys)]
+    todo = [i for i, p in enumerate(prompts) if p.chosen is None and keys[i] not in known]
     t0 = time.time()
-    todo = [i for i, p in enumerate(prompts) if p.chosen is None]
-    chosen = [p.chosen for p in prompts]
-    rejected = [p.rejected for p in prompts]
     if todo:
         ps = [prompts[i] for i in todo]
         texts = generate(model, tokenizer, [p.user_pos for p in ps] + [p.user_neg for p in ps],
@@ -192,12 +200,13 @@ def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens
                          max_new_tokens, batch_size)
         for k, i in enumerate(todo):
             chosen[i], rejected[i] = texts[k], texts[len(todo) + k]
-    out = Completions(prompts, chosen, rejected)
-    if path is not None:
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out.rows()))
-    log(f"behaviour completions: generated {len(todo)} x 2 ({max_new_tokens} new tokens, greedy) "
-        f"[{time.time() - t0:.0f}s]")
-    return out
+            known[keys[i]] = {"key": keys[i], "chosen": chosen[i], "rejected": rejected[i]}
+        if path is not None:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in known.values()))
+    cached = sum(p.chosen is None for p in prompts) - len(todo)
+    log(f"behaviour completions: {len(todo)} prompts x 2 generated ({max_new_tokens} new tokens, greedy)"
+        + (f", {cached} from the cache" if cached else "") + f" [{time.time() - t0:.0f}s]")
+    return Completions(prompts, chosen, rejected)
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -296,62 +305,115 @@ def _completion_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], 
     return out
 
 
-def teacher(model, tokenizer, comps: Completions, support: int, log=print, batch_size: int = 16) -> list[tuple[Item, Item]]:
-    """(y_h item, y_d item) per prompt; prompts with a completion that tokenises to nothing are dropped."""
+def teacher(model, tokenizer, comps: Completions, support: int, log=print,
+            batch_size: int = 16) -> list[tuple[Item, Item] | None]:
+    """(y_h item, y_d item) per prompt, None for a prompt with a completion that tokenises to nothing."""
     t0 = time.time()
-    keep = []
+    encs: list[list | None] = []
     for p, yh, yd in zip(comps.prompts, comps.chosen, comps.rejected):
         enc = [[_encode_completion(tokenizer, u, p.opening, y, s)
                 for u, s in ((p.user, p.system), (p.user_pos, p.sys_pos), (p.user_neg, p.sys_neg))] for y in (yh, yd)]
         if any(e[0][1] <= 0 for e in enc):
+            encs.append(None)
             continue
         for y, e in zip((yh, yd), enc):
             if len({n for _, n in e}) != 1:
                 raise BehaviourError(f"the completion {y[:40]!r} tokenises differently after the persona and "
                                      "without it; the completion must start a separate assistant turn")
-        keep.append(enc)
-    if not keep:
+        encs.append(enc)
+    keep = [i for i, e in enumerate(encs) if e is not None]
+    if comps.prompts and not keep:
         raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
                              "non-empty chosen / rejected completions")
-    out = []
+    out: list[tuple[Item, Item] | None] = [None] * len(encs)
     chunk_size = max(1, batch_size // 2)  # prompts at a time (6 sequences each): full-vocabulary log-probs are large
     for c in progress(range(0, len(keep), chunk_size), "behaviour teacher", unit="chunk"):
         chunk = keep[c:c + chunk_size]
-        flat = [seq for enc in chunk for e in enc for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
+        flat = [seq for i in chunk for e in encs[i] for seq in e]  # per prompt: (h: none, +, -), (d: none, +, -)
         lps = _completion_logprobs(model, tokenizer.pad_token_id, flat, batch_size)
-        for j, enc in enumerate(chunk):
+        for j, i in enumerate(chunk):
             pair = []
-            for k, e in enumerate(enc):
+            for k, e in enumerate(encs[i]):
                 ids, n = e[0]
                 three = lps[6 * j + 3 * k: 6 * j + 3 * k + 3]
                 idx, lp, rest = _support_and_rest(torch.stack(three), support)
                 tgt = torch.tensor(ids[len(ids) - n:])
                 pair.append(Item(ids, n, three[0].gather(-1, tgt[:, None])[:, 0], idx, lp, rest))
-            out.append((pair[0], pair[1]))
-    log(f"behaviour teacher: {len(out)} prompts x 2 completions, support {support} tokens [{time.time() - t0:.0f}s]")
+            out[i] = (pair[0], pair[1])
+    log(f"behaviour teacher: {len(keep)} prompts x 2 completions, support {support} tokens [{time.time() - t0:.0f}s]")
     return out
 
 
-def save_teacher(path: Path, items: list[tuple[Item, Item]], meta: dict) -> None:
+_ITEM_FIELDS = ("ids", "tok_lp0", "idx", "lp", "rest")
+
+
+def save_teacher(path: Path, items: dict[str, tuple[Item, Item]], meta: dict) -> None:
+    """Teacher items under their keys (``item_key``), written atomically."""
     tensors = {}
-    for i, pair in enumerate(items):
+    for key, pair in items.items():
         for k, it in zip("hd", pair):
-            tensors.update({f"{i}.{k}.ids": torch.tensor(it.ids), f"{i}.{k}.tok_lp0": it.tok_lp0,
-                            f"{i}.{k}.idx": it.idx, f"{i}.{k}.lp": it.lp, f"{i}.{k}.rest": it.rest})
+            tensors.update({f"{key}.{k}.ids": torch.tensor(it.ids), f"{key}.{k}.tok_lp0": it.tok_lp0,
+                            f"{key}.{k}.idx": it.idx, f"{key}.{k}.lp": it.lp, f"{key}.{k}.rest": it.rest})
     save_tensors(path, tensors, {**meta, "items": len(items)})
 
 
-def load_teacher(path: Path) -> tuple[list[tuple[Item, Item]], dict]:
-    t, meta = load_tensors(path)
-    items = []
-    for i in range(int(meta["items"])):
+def load_teacher(path: Path) -> dict[str, tuple[Item, Item]]:
+    """{key: (y_h item, y_d item)} as ``save_teacher`` wrote them."""
+    t, _ = load_tensors(path)
+    keys = {name.split(".")[0] for name in t}
+    items = {}
+    for key in keys:
         pair = []
         for k in "hd":
-            g = lambda name: t[f"{i}.{k}.{name}"]  # noqa: E731
+            g = lambda name: t[f"{key}.{k}.{name}"]  # noqa: E731
             pair.append(Item(g("ids").tolist(), int(g("tok_lp0").shape[0]), g("tok_lp0"), g("idx"), g("lp"),
                              g("rest")))
-        items.append((pair[0], pair[1]))
-    return items, meta
+        items[key] = (pair[0], pair[1])
+    return items
+
+
+def item_key(p: BehaviourPrompt, chosen: str, rejected: str) -> str:
+    return digest({"prompt": asdict(p), "chosen": chosen, "rejected": rejected})
+
+
+def cached_teacher(model, tokenizer, comps: Completions, support: int, path: Path | None, log=print,
+                   batch_size: int = 16) -> list[tuple[Item, Item] | None]:
+    """``teacher``, with the items already in ``path`` (keyed by prompt and completions) read back
+    and only the others computed; the file is rewritten with them all."""
+    known: dict[str, tuple[Item, Item]] = {}
+    if path is not None and path.is_file():
+        try:
+            known = load_teacher(path)
+        except (DamagedFileError, KeyError, ValueError):
+            log(f"behaviour teacher: {path.name} is damaged; computing it again")
+    keys = [item_key(p, y, n) for p, y, n in zip(comps.prompts, comps.chosen, comps.rejected)]
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    out: list[tuple[Item, Item] | None] = [known.get(k) for k in keys]
+    if todo:
+        sub = Completions([comps.prompts[i] for i in todo], [comps.chosen[i] for i in todo],
+                          [comps.rejected[i] for i in todo])
+        for i, pair in zip(todo, teacher(model, tokenizer, sub, support, log, batch_size)):
+            out[i] = pair
+            if pair is not None:
+                known[keys[i]] = pair
+        if path is not None:
+            save_teacher(path, known, {})
+    if len(todo) < len(keys):
+        log(f"behaviour teacher: {len(keys) - len(todo)} prompts from the cache ({path})")
+    return out
+
+
+def scheduled(seed: int, steps: int, pool: int, n: int) -> list[int]:
+    """The behaviour prompts (indices into a pool of ``pool``) that ``steps`` training steps draw,
+    ``n`` a step, as ``draw`` draws them."""
+    return sorted({i for step in range(steps) for i in draw(seed, "behaviour", step, pool, n)[0]})
+
+
+def draw(seed: int, what: str, step: int, pool: int, n: int) -> tuple[list[int], random.Random]:
+    """A step's sample of ``n`` of ``pool`` indices, by (seed, what, step): the same on every rank
+    and after a resume; the generator goes on to draw the sample's coefficients."""
+    rng = random.Random(f"{seed}:{what}:{step}")
+    return rng.sample(range(pool), min(n, pool)), rng
 
 
 # --------------------------------------------------------------------------- batches
@@ -392,30 +454,42 @@ def neutral_batch(tokenizer, texts: list[str], user: str = "Write a short paragr
 
 
 def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], fingerprint: str, run_dir: Path | None,
-            log=print) -> tuple[list[tuple[Item, Item]], dict | None]:
-    """The behaviour items (teacher included) and the neutral batch a run's loss needs, from the
-    cache when the same model, prompts and settings were seen before. Call on the base model
-    (before the adapter is attached). Writes ``completions.jsonl`` into ``run_dir``."""
+            log=print) -> tuple[list[tuple[Item, Item] | None], dict | None]:
+    """The behaviour items (teacher included) and the neutral batch a run's loss needs. Call on
+    the base model (before the adapter is attached). Only the prompts that the run's
+    ``train.steps`` steps will draw are completed and taught (50 steps of 4 draw about 115 of the
+    152 built-in prompts); the list holds None at the others. Where one of those has an empty
+    completion, every prompt is completed and the empty ones are left out of the pool. Completions
+    and teacher items come from the cache when the same model and settings have seen them.
+    Writes ``completions.jsonl`` (the prompts used) into ``run_dir``."""
     from .models import cache_dir, numerics
 
-    items, neutral = [], None
+    items: list[tuple[Item, Item] | None] = []
+    neutral = None
     cache = cache_dir() / "behaviour"
     if cfg.loss.behaviour:
-        prompts = prompts_for(cfg.behaviour, cfg.data, train_pairs, cfg.train.seed)
-        comps = completions(model, tokenizer, prompts, cfg.behaviour.max_new_tokens, fingerprint, cache,
-                            cfg.behaviour.gen_batch_size, log)
+        b = cfg.behaviour
+        prompts = prompts_for(b, cfg.data, train_pairs, cfg.train.seed)
+        settings = {"max_new_tokens": b.max_new_tokens, "support": b.support, "version": 2,
+                    "numerics": numerics(model)}
+        path = cache / f"teacher-{digest({'fingerprint': fingerprint, 'settings': settings})}.safetensors"
+
+        def targets(ix: list[int]) -> tuple[Completions, list]:
+            comps = completions(model, tokenizer, [prompts[i] for i in ix], b.max_new_tokens, fingerprint, cache,
+                                b.gen_batch_size, log)
+            return comps, cached_teacher(model, tokenizer, comps, b.support, path, log, b.gen_batch_size)
+
+        used = scheduled(cfg.train.seed, cfg.train.steps, len(prompts), b.batch_size)
+        comps, got = targets(used)
+        if all(g is not None for g in got):
+            items = [None] * len(prompts)
+            for i, g in zip(used, got):
+                items[i] = g
+        else:  # the pool is the prompts with non-empty completions: every prompt is needed
+            comps, got = targets(list(range(len(prompts))))
+            items = [g for g in got if g is not None]
         if run_dir is not None:
             atomic_write_text(run_dir / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in comps.rows()))
-        key = cache_key(fingerprint, prompts, {"max_new_tokens": cfg.behaviour.max_new_tokens,
-                                               "support": cfg.behaviour.support, "completions": comps.rows(),
-                                               "numerics": numerics(model)})
-        path = cache / f"teacher-{key}.safetensors"
-        if path.is_file():
-            items, _ = load_teacher(path)
-            log(f"behaviour teacher: {len(items)} prompts from the cache ({path.name})")
-        else:
-            items = teacher(model, tokenizer, comps, cfg.behaviour.support, log, cfg.behaviour.gen_batch_size)
-            save_teacher(path, items, {"fingerprint": fingerprint})
     if cfg.loss.w_kl > 0:
         neutral = neutral_batch(tokenizer, neutral_lines(cfg.behaviour.neutral))
     return items, neutral

@@ -88,7 +88,8 @@ class ContrastiveModule(L.LightningModule):
                  start_step: int = 0, optimizer_state: dict | None = None, base_cache: dict | None = None,
                  behaviour: list | None = None, neutral: dict | None = None, behaviour_cfg=None,
                  pad_id: int = 0):
-        """``behaviour``: (y_h, y_d) teacher items per prompt (``behaviour.teacher``); ``neutral``:
+        """``behaviour``: (y_h, y_d) teacher items per prompt, None for a prompt the steps never
+        draw (``behaviour.prepare``); ``neutral``:
         the neutral passages for the KL barrier as one batch (``behaviour.neutral_batch``)."""
         super().__init__()
         self.behaviour, self.neutral, self.behaviour_cfg, self.pad_id = behaviour or [], neutral, behaviour_cfg, pad_id
@@ -211,9 +212,7 @@ class ContrastiveModule(L.LightningModule):
         each (the first half of the sample at +|c|, the second at -|c|, so every batch holds both
         signs), drawn by (seed, what, step): the same global sample on every rank and on resume.
         Kinds without per-example coefficients use one |c| per step."""
-        seed = self.train_cfg.seed
-        rng = random.Random(f"{seed}:{what}:{step}")
-        picks = rng.sample(range(pool), min(n, pool))
+        picks, rng = bh.draw(self.train_cfg.seed, what, step, pool, n)
         if self.adapter.per_example:
             mags = [float(rng.choice(self.loss_cfg.coeffs)) for _ in picks]
         else:
@@ -244,6 +243,9 @@ class ContrastiveModule(L.LightningModule):
         prompt's two completions at its own signed coefficient."""
         picks, cs = self._shard("behaviour", len(self.behaviour), self.behaviour_cfg.batch_size, step)
         device = self.ref_0.device
+        if any(self.behaviour[j] is None for j in picks):
+            raise TrainingError(f"step {step} draws behaviour prompts that were not prepared (behaviour.prepare "
+                                "prepares those that train.seed, train.steps and behaviour.batch_size draw)")
         b = bh.collate([it for j in picks for it in self.behaviour[j]], self.pad_id)  # rows y_h0, y_d0, y_h1, ...
         b = {k: v.to(device) for k, v in b.items()}
         c = torch.tensor(cs, device=device)  # (m,) per prompt

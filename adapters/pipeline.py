@@ -384,7 +384,7 @@ def _logger(run: Run):
     experiment.config.update({"run": {
         "base_model": hub_id(run.cfg.model.name), "base_fingerprint": run.fingerprint, **numerics(run.model),
         "trainable_parameters": run.trainable, "loss_layers": list(run.directions.selected),
-        "behaviour_prompts": len(run.behaviour)}}, allow_val_change=True)
+        "behaviour_prompts": sum(it is not None for it in run.behaviour)}}, allow_val_change=True)
     return StepLogger(**where, experiment=experiment)
 
 

@@ -195,10 +195,17 @@ def test_completions_cache_is_keyed_by_model_prompts_and_settings(tmp_path, tiny
     assert calls == [8] and again.rows() == first.rows()  # from the cache
     bh.completions(other, tok, prompts, 6, fp_other, tmp_path, log=lambda *_: None)
     assert calls == [8, 8]  # another base model regenerates
-    bh.completions(model, tok, prompts[:3], 6, fp, tmp_path, log=lambda *_: None)
-    assert calls == [8, 8, 6]  # another prompt set regenerates
+    part = bh.completions(model, tok, prompts[1:3], 6, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8] and part.rows() == first.rows()[1:3]  # a subset: every prompt from the cache
+    new = bh.BehaviourPrompt("Name a colour.", "Be honest. Name a colour.", "Lie. Name a colour.")
+    more = bh.completions(model, tok, [new] + prompts, 6, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8, 2] and more.rows()[1:] == first.rows()  # only the new prompt is generated
     bh.completions(model, tok, prompts, 7, fp, tmp_path, log=lambda *_: None)
-    assert calls == [8, 8, 6, 8]  # other generation settings regenerate
+    assert calls == [8, 8, 2, 8]  # other generation settings regenerate
+    for f in tmp_path.glob("completions-*.jsonl"):
+        f.write_text("{not json\n")
+    bh.completions(model, tok, prompts, 7, fp, tmp_path, log=lambda *_: None)
+    assert calls == [8, 8, 2, 8, 8]  # a damaged cache file is rebuilt, not an error
 
 
 def test_generated_completions_follow_the_persona_prompt(tiny):
@@ -263,6 +270,66 @@ def test_batched_teacher_equals_one_at_a_time(tiny):
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=ids).logits[0, -a.n - 1:-1].float(), -1)
             assert torch.allclose(a.tok_lp0, lp.gather(-1, ids[0, -a.n:, None])[:, 0], atol=1e-5)
+
+
+def test_teacher_cache_serves_each_prompt_it_has_seen(tmp_path, tiny, monkeypatch):
+    model, tok = tiny
+    p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}") for q in ("Why?", "How do tides work?", "Hi!")]
+    comps = bh.Completions(p, [" a b c", " d e", " f"], [" g h", " i j k", " l m"])
+    path = tmp_path / "teacher.safetensors"
+    calls = []
+    real = bh.teacher
+    monkeypatch.setattr(bh, "teacher", lambda m, t, c, *a, **k: calls.append(len(c.prompts)) or real(m, t, c, *a, **k))
+    first = bh.cached_teacher(model, tok, bh.Completions(p[:2], comps.chosen[:2], comps.rejected[:2]), 8, path,
+                              log=lambda *_: None)
+    every = bh.cached_teacher(model, tok, comps, 8, path, log=lambda *_: None)
+    assert calls == [2, 1]  # the third prompt only
+    again = bh.cached_teacher(model, tok, comps, 8, path, log=lambda *_: None)
+    assert calls == [2, 1]
+    for a, b in zip(first + [every[2]], again):
+        assert all(x.ids == y.ids and torch.equal(x.lp, y.lp) and torch.equal(x.idx, y.idx) for x, y in zip(a, b))
+    other = bh.Completions(p, [" a b c", " d e", " something else"], comps.rejected)
+    bh.cached_teacher(model, tok, other, 8, path, log=lambda *_: None)
+    assert calls == [2, 1, 1]  # another completion of a prompt is another item
+    path.write_bytes(b"garbage")
+    bh.cached_teacher(model, tok, comps, 8, path, log=lambda *_: None)
+    assert calls == [2, 1, 1, 3]  # a damaged file is computed again
+
+
+def test_prepare_completes_only_the_prompts_training_draws(tmp_path, tiny, monkeypatch):
+    """The items list holds the drawn prompts and None at the others; an empty completion among
+    them makes every prompt needed, and the pool is the prompts with non-empty completions."""
+    from adapters.config import Config
+
+    monkeypatch.setenv("CONTRASTIVE_ADAPTERS_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    qs = tmp_path / "q.txt"
+    qs.write_text("".join(f"Question number {i}?\n" for i in range(12)))
+    cfg = Config()
+    cfg.loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=0.0)
+    cfg.behaviour = BehaviourConfig(prompts=str(qs), openings=0, batch_size=2, max_new_tokens=4, support=8)
+    cfg.train = TrainConfig(steps=3, seed=1)
+    used = bh.scheduled(1, 3, 12, 2)
+    assert 2 < len(used) <= 6
+    calls = []
+    real = bh.generate
+    monkeypatch.setattr(bh, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    items, neutral = bh.prepare(cfg, model, tok, make_pairs(4), "fp", tmp_path, log=lambda *_: None)
+    assert neutral is None and len(items) == 12 and calls == [2 * len(used)]
+    assert [i for i, it in enumerate(items) if it is not None] == used
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [r["user"] for r in rows] == [f"Question number {i}?" for i in used]
+    for step in range(3):  # what the module draws
+        assert all(items[j] is not None for j in bh.draw(1, "behaviour", step, 12, 2)[0])
+
+    def one_empty(*a, **k):  # the first drawn prompt's positive completion comes back empty
+        out = real(*a, **k)
+        return [""] + out[1:] if calls.append(0) or len(calls) == 2 else out
+
+    monkeypatch.setattr(bh, "generate", one_empty)
+    cfg.behaviour.max_new_tokens = 5  # another cache key: generated again
+    items, _ = bh.prepare(cfg, model, tok, make_pairs(4), "fp", None, log=lambda *_: None)
+    assert len(items) == 11 and all(it is not None for it in items)
 
 
 def test_shared_prefix_logprobs_equal_whole_sequences(tiny):
