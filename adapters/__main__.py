@@ -26,6 +26,8 @@ import shutil
 import sys
 import textwrap
 
+from .quiet import add_flags, log
+
 
 def side_by_side(texts: dict[float, str], width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((160, 40)).columns
@@ -136,11 +138,14 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="steering vectors over direction methods x layer types")
     w.add_argument("--config", required=True, help="sweep config (e.g. configs/sweep/layer_types.yaml)")
     w.add_argument("--force", action="store_true", help="recompute layer types already in <out>/parts")
+    for name, command in sub.choices.items():
+        if name != "train":  # train.py's own parser has them
+            add_flags(command)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quiet import install
+    from .quiet import configure, install, verbosity
 
     install()  # the libraries' expected warnings, one by one (adapters/quiet.py)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli(argv[1:])
     args = parser().parse_args(join_numbers(argv))
+    configure(verbosity(args))
     if args.cmd == "sweep":
         from .sweep import main as sweep_main
 
@@ -259,7 +265,7 @@ def eval_main(args) -> int:
     paths = write_report(report, out, title=title)
     if cfg.log.wandb != "disabled":
         log_wandb(report, paths, cfg.log.project, f"{run.name}-eval", cfg.log.wandb, out)
-    print(markdown(report, title=title, rows=False))
+    log.info(markdown(report, title=title, rows=False))
     print(f"wrote {paths['md']}")
     return 0
 

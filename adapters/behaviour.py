@@ -39,7 +39,7 @@ from .config import Config
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
 from .io import DamagedFileError, atomic_write_text, load_tensors, save_tensors
-from .quiet import progress
+from .quiet import log as _log, progress
 
 
 class BehaviourError(UserError):
@@ -177,7 +177,7 @@ class Completions:
 
 
 def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int, fingerprint: str,
-                cache: Path | None, batch_size: int = 16, log=print) -> Completions:
+                cache: Path | None, batch_size: int = 16, log=_log.info) -> Completions:
     """y_h / y_d for every prompt: given ones as given, the rest read from the cache or generated.
     The cache holds one row per prompt in a file keyed by the model's fingerprint and numerics
     (greedy text under bf16 is not fp32's) and the generation settings, so a run that needs other
@@ -203,6 +203,7 @@ def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens
             known[keys[i]] = {"key": keys[i], "chosen": chosen[i], "rejected": rejected[i]}
         if path is not None:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in known.values()))
+    _log.debug(f"behaviour completions cache: {path}")
     cached = sum(p.chosen is None for p in prompts) - len(todo)
     log(f"behaviour completions: {len(todo)} prompts x 2 generated ({max_new_tokens} new tokens, greedy)"
         + (f", {cached} from the cache" if cached else "") + f" [{time.time() - t0:.0f}s]")
@@ -305,7 +306,7 @@ def _completion_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], 
     return out
 
 
-def teacher(model, tokenizer, comps: Completions, support: int, log=print,
+def teacher(model, tokenizer, comps: Completions, support: int, log=_log.info,
             batch_size: int = 16) -> list[tuple[Item, Item] | None]:
     """(y_h item, y_d item) per prompt, None for a prompt with a completion that tokenises to nothing."""
     t0 = time.time()
@@ -376,7 +377,7 @@ def item_key(p: BehaviourPrompt, chosen: str, rejected: str) -> str:
     return digest({"prompt": asdict(p), "chosen": chosen, "rejected": rejected})
 
 
-def cached_teacher(model, tokenizer, comps: Completions, support: int, path: Path | None, log=print,
+def cached_teacher(model, tokenizer, comps: Completions, support: int, path: Path | None, log=_log.info,
                    batch_size: int = 16) -> list[tuple[Item, Item] | None]:
     """``teacher``, with the items already in ``path`` (keyed by prompt and completions) read back
     and only the others computed; the file is rewritten with them all."""
@@ -454,7 +455,7 @@ def neutral_batch(tokenizer, texts: list[str], user: str = "Write a short paragr
 
 
 def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], fingerprint: str, run_dir: Path | None,
-            log=print) -> tuple[list[tuple[Item, Item] | None], dict | None]:
+            log=_log.info) -> tuple[list[tuple[Item, Item] | None], dict | None]:
     """The behaviour items (teacher included) and the neutral batch a run's loss needs. Call on
     the base model (before the adapter is attached). Only the prompts that the run's
     ``train.steps`` steps will draw are completed and taught (50 steps of 4 draw about 115 of the

@@ -32,6 +32,7 @@ from .checkpoint import interrupted
 from .config import ConfigError, load_config, overrides_from, read_spec, spec_config_path
 from .evaluate.report import csv_text, md_table
 from .io import atomic_write_text, read_json, write_json
+from .quiet import log
 
 COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "slope", "r2", "monotone", "valid_frac",
            "dnll_-1", "dnll_+1", "shift_up", "shift_down", "sep_-1", "sep_0", "sep_+1")
@@ -173,7 +174,7 @@ def _table(rows: list[dict]) -> list[str]:
     return md_table(head, [[_cell(r, c) for c in COLUMNS] for r in rows], align="ll" + "r" * (len(head) - 2))
 
 
-def compare(spec: dict, force: bool = False, log=print) -> list[dict]:
+def compare(spec: dict, force: bool = False, log=log.info) -> list[dict]:
     out: Path = spec["out"]
     train = _train_command()
     seeds = spec.get("seeds")

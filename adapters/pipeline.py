@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .quiet import add_flags, configure, log, verbosity
 
 
 class Refused(SystemExit):
@@ -85,7 +87,7 @@ class Run:
         return sum(p.numel() for p in self.adapter.trainable_parameters())
 
     def say(self, text: str) -> None:
-        print(f"{text} [{time.time() - self.t0:.0f}s]")
+        log.info(f"{text} [{time.time() - self.t0:.0f}s]")
 
     def lap(self, stage: str) -> None:
         """Book the time since the last lap (or the start) to ``stage``."""
@@ -114,7 +116,9 @@ def parse(argv: list[str] | None) -> tuple[Config, Path, bool, bool]:
                     help="continue the interrupted run in RUN_DIR (its config.yaml, directions, checkpoint)")
     ap.add_argument("--overwrite", action="store_true",
                     help="train into runs/<log.name> even though it holds a run: its files are deleted first")
+    add_flags(ap)
     args, rest = ap.parse_known_args(argv)
+    configure(verbosity(args))
 
     from .config import ConfigError, load_config, parse_overrides
 
@@ -232,7 +236,13 @@ def prepare(cfg: Config, folder: Path, rank: int = 0, resume: bool = False, over
     run.folder, run.resume = Path(folder), resume
     if run.zero and not resume:
         _open_folder(run, overwrite)
-    print(f"run folder: {run.folder}")
+    log.info(f"run folder: {run.folder}")
+    if log.isEnabledFor(logging.DEBUG):
+        import yaml
+
+        from .config import config_to_dict
+
+        log.debug("config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     run.say(f"model {cfg.model.name} ({run.model.dtype}, "
             f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.0f}M) loaded; "
             f"{len(run.train_pairs)} train / {len(run.val_pairs)} val pairs")
@@ -254,7 +264,7 @@ def _open_folder(run: Run, overwrite: bool) -> None:
     if overwrite:
         cleared = clear_run(run.folder)
         if cleared:
-            print(f"--overwrite: deleted the old run's {', '.join(p.name for p in cleared)} in {run.folder}")
+            log.info(f"--overwrite: deleted the old run's {', '.join(p.name for p in cleared)} in {run.folder}")
     run.folder.mkdir(parents=True, exist_ok=True)
     dump_config(run.cfg, run.folder / "config.yaml")
 
@@ -274,7 +284,7 @@ def _directions(run: Run) -> bool:
             run.directions.save(run.folder)
     for layer in run.directions.selected:
         st = run.directions.stats[layer]
-        print(f"  loss layer {layer}: corr {st['corr']:+.2f} val agreement {st['val_agreement']:.2f} "
+        log.info(f"  loss layer {layer}: corr {st['corr']:+.2f} val agreement {st['val_agreement']:.2f} "
               f"scale {st['scale']:.2f}")
     return reused
 
@@ -301,7 +311,7 @@ def _attach(run: Run) -> None:
     late = sorted({layer_index(t) for t in run.adapter.steered_modules()} - {-1})
     late = [i for i in late if i > last_loss]
     if late:
-        print(f"warning: adapter layers {late} come after the last loss layer ({last_loss}); they get gradient "
+        log.warning(f"adapter layers {late} come after the last loss layer ({last_loss}); they get gradient "
               "only from the NLL barrier and mostly stay at the identity. Lower adapter.depth or select later "
               "loss layers.")
     run.say(f"adapter {run.cfg.adapter.kind}: {run.trainable} trainable parameters")
@@ -326,7 +336,7 @@ def _resume(run: Run, reused: bool) -> None:
                                   "first checkpoint; start it again without --resume")
     except UserError as e:
         raise Refused(f"cannot resume: {e}")
-    print(f"resuming {run.folder} at step {run.start} of {run.cfg.train.steps}")
+    log.info(f"resuming {run.folder} at step {run.start} of {run.cfg.train.steps}")
 
 
 def _loaders(run: Run):
@@ -434,8 +444,10 @@ def _trainer(run: Run):
     from .checkpoint import CheckpointCallback
 
     tcfg = run.cfg.train
-    callbacks = [CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed),
-                 _progress_bar()]
+    from .quiet import BARS
+
+    callbacks = [CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed)]
+    callbacks += [_progress_bar()] if BARS["on"] else []
     if run.logger:
         from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -447,7 +459,7 @@ def _trainer(run: Run):
                      val_check_interval=tcfg.val_every, check_val_every_n_epoch=None,
                      gradient_clip_val=tcfg.grad_clip, log_every_n_steps=1,
                      limit_val_batches=tcfg.val_batches or None,
-                     enable_model_summary=False, default_root_dir=str(run.folder), precision=tcfg.precision)
+                     enable_model_summary=False, enable_progress_bar=BARS["on"], default_root_dir=str(run.folder), precision=tcfg.precision)
 
 
 def fit(run: Run) -> bool:
@@ -537,7 +549,7 @@ def evaluate(run: Run):
     report.examples = bh.examples(run.folder)
     run.checksum.verify(run.model, "after evaluation")
     paths = write_report(report, run.folder, title=title)
-    print(markdown(report, title=title))
+    log.info(markdown(report, title=title))
     if run.logger:
         _log_evaluation(run, report, paths["png"])
     return report
@@ -565,7 +577,7 @@ def _log_adapter(run: Run) -> None:
                 art.add_file(str(run.folder / name))
         run.logger.experiment.log_artifact(art)
     except (OSError, ValueError, wandb.errors.Error) as e:
-        print(f"wandb: the adapter artifact was not logged ({e}); {run.folder} holds its files", file=sys.stderr)
+        log.warning(f"wandb: the adapter artifact was not logged ({e}); {run.folder} holds its files")
 
 
 def _log_evaluation(run: Run, report, png: Path) -> None:

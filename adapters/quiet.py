@@ -1,4 +1,11 @@
-"""The libraries' expected messages, silenced one by one.
+"""The terminal: our messages through ``logging`` at levels, the libraries' expected messages
+silenced one by one, and progress bars.
+
+Messages go to the ``adapters`` logger (``log``): progress at INFO on stdout, warnings and errors
+on stderr with their level in front. ``configure(verbosity)`` is the command line's -q / -v:
+-q shows warnings and errors only, and no progress bars; -v adds our DEBUG detail (cache files
+and the like) and the libraries' INFO lines (Lightning's device lines). A command's result (the
+report, where the run was saved) is printed, whatever the verbosity.
 
 Each entry names the exact message and the module that emits it, and why it does not concern a
 user of ours; nothing is silenced by category or module alone, so a new warning from the same
@@ -9,7 +16,15 @@ library still shows. ``install()`` runs at the start of every command (``python 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+
+log = logging.getLogger("adapters")
+BARS = {"on": True}
+"""Progress bars are shown (on a terminal) unless -q turned them off."""
+
+LIBRARY_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+"""Loggers whose INFO lines ('GPU available: False, used: False', '`Trainer.fit` stopped') show only with -v."""
 
 WARNINGS = (  # (message regex, category, module regex, why)
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils",
@@ -50,9 +65,54 @@ def install() -> None:
             logger.addFilter(_Drop(start))
 
 
+class _Console(logging.Handler):
+    """One plain line per message: INFO and DEBUG on stdout, WARNING and above on stderr as
+    'warning: ...'. The stream is looked up at every message (pytest swaps sys.stdout)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                print(f"{record.levelname.lower()}: {text}", file=sys.stderr, flush=True)
+            else:
+                print(text, flush=True)
+        except Exception:  # as logging.StreamHandler does: a broken stream never breaks the run
+            self.handleError(record)
+
+
+def configure(verbosity: int = 0) -> None:
+    """-q (verbosity < 0), default (0) or -v (> 0); calling it again replaces the setting."""
+    if not any(isinstance(h, _Console) for h in log.handlers):
+        log.addHandler(_Console())
+    log.propagate = False
+    log.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    for name in LIBRARY_INFO:
+        logging.getLogger(name).setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    BARS["on"] = verbosity >= 0
+    try:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if BARS["on"] else hf_logging.disable_progress_bar)()
+    except ImportError:
+        pass
+
+
+def add_flags(parser) -> None:
+    """-q / -v on a command's argparse parser (read back with ``verbosity(args)``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also debug detail (cache files) and the libraries' info lines")
+
+
+def verbosity(args) -> int:
+    return -1 if getattr(args, "quiet", False) else 1 if getattr(args, "verbose", False) else 0
+
+
 def progress(iterable, desc: str, total: int | None = None, unit: str = "batch"):
     """A progress bar on stderr for a long stage (tqdm, Lightning's own fallback bar): shown only
     on a terminal, and gone when the stage ends (its summary line stays)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None if BARS["on"] else True, leave=False,
+                dynamic_ncols=True)

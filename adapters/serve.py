@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .quiet import log
 from .run import RunError, is_finished, resolve
 
 COEFF_RANGE = 4.0
@@ -229,7 +230,7 @@ def launch(source: str | Path, host: str = "127.0.0.1", port: int = 7860, max_ne
             raise RunError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     runs = Runs(find_runs(source), device, dtype)
     first = next(iter(runs.folders))
-    print(f"loading {first} ({len(runs.folders)} run{'s' * (len(runs.folders) > 1)} on offer)")
+    log.info(f"loading {first} ({len(runs.folders)} run{'s' * (len(runs.folders) > 1)} on offer)")
     runs.get(first)
     app = build(runs, max_new_tokens)
     app.queue(default_concurrency_limit=1, max_size=32)  # one generation at a time: the model is shared

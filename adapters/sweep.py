@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, overrides_from, read_spec, spec_config_path
 from .io import read_json, write_json
+from .quiet import log
 
 KEYS = ("config", "layer_types", "methods", "baselines", "overrides", "out")
 
@@ -75,7 +76,7 @@ def _slug(pattern: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", short_name(pattern))
 
 
-def sweep(spec: dict, force: bool = False, log=print):
+def sweep(spec: dict, force: bool = False, log=log.info):
     """Run the sweep; return the Report (every layer type x method, plus the baselines)."""
     from .directions import fit_methods
     from .evaluate.methods import Inputs, baseline_methods, pca_vectors, random_vectors, vector_method
@@ -151,6 +152,6 @@ def main(args) -> int:
     paths = write(report, spec["out"], title, spec["cfg"].log.wandb, spec["cfg"].log.project)
     from .evaluate.report import markdown
 
-    print(markdown(report, title, rows=False))
+    log.info(markdown(report, title, rows=False))
     print(f"wrote {paths['md']}")
     return 0

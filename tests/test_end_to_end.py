@@ -39,13 +39,13 @@ def test_adapters_after_the_last_loss_layer_are_flagged(tiny_dir, tmp_path, caps
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     pipeline.main(["--config", str(path)])
-    out = capsys.readouterr().out
-    assert "warning: adapter layers [3] come after the last loss layer (2)" in out
+    err = capsys.readouterr().err
+    assert "warning: adapter layers [3] come after the last loss layer (2)" in err
     cfg["adapter"]["depth"] = [0.0, 0.75]
     cfg["log"]["name"] = "early"
     path.write_text(yaml.safe_dump(cfg))
     pipeline.main(["--config", str(path)])
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_train_writes_a_complete_run(lora_run, tiny_dir):

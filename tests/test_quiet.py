@@ -104,3 +104,31 @@ def test_every_long_stage_shows_a_progress_bar_in_a_terminal(tiny_dir, tmp_path)
     assert "done in" in out, out[-2000:]
     for stage in ("behaviour completions", "behaviour teacher", "evaluation"):
         assert re.search(rf"{stage}:\s+\d+%", out), f"no bar for {stage}"
+
+
+def test_quiet_and_verbose_flags(tiny_dir, tmp_path, capsys, caplog):
+    """Messages go through logging: by default the stages' progress on stdout; -q leaves only the
+    result line (and warnings, on stderr); -v adds debug detail and Lightning's device lines."""
+    import yaml
+
+    from adapters import pipeline
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_dir, tmp_path / "runs", "lora")
+    cfg["eval"]["enabled"] = False
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    outs, device_lines = {}, {}
+    for flag in ("", "-q", "-v"):
+        caplog.clear()
+        pipeline.main(["--config", str(path), "--log.name", f"run{flag}"] + ([flag] if flag else []))
+        outs[flag] = capsys.readouterr()
+        device_lines[flag] = [r for r in caplog.records if r.getMessage().startswith("GPU available")]
+    default, q, v = outs[""].out, outs["-q"].out, outs["-v"].out
+    assert "run folder:" in default and "loss layer" in default and "trained 2 steps" in default
+    assert "config:" not in default and not device_lines[""] and not device_lines["-q"]
+    assert q.strip().splitlines() == [line for line in q.strip().splitlines() if line.startswith("done in")]
+    assert len(q.strip().splitlines()) == 1
+    assert all(line.startswith("warning: ") for line in outs["-q"].err.strip().splitlines())  # still shown
+    assert "run folder:" in v and "config:" in v and device_lines["-v"]
+    quiet.configure(0)

@@ -31,7 +31,7 @@ import torch
 from .. import hidden
 from ..config import Config, EvalConfig
 from ..probes import ContinuationProbe, Probe, load_probe, neutral_texts
-from ..quiet import progress
+from ..quiet import log, progress
 from .methods import Inputs, Method, adapter_method, baseline_methods
 from .metrics import bootstrap_ci, shift_within, summarize
 from .report import Report
@@ -148,7 +148,7 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
-def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], cfg: EvalConfig, log=print) -> Report:
+def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], cfg: EvalConfig, log=log.info) -> Report:
     neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
     report = Report()
     for m in progress(methods, "evaluation", unit="method"):
@@ -237,7 +237,7 @@ def held_out_separation(model, tokenizer, val_pairs, directions, max_length, met
 
 
 def evaluate_run(model, tokenizer, directions, train_pairs, val_pairs, cfg: Config,
-                 probes: list[Probe | ContinuationProbe] | None = None, log=print) -> Report:
+                 probes: list[Probe | ContinuationProbe] | None = None, log=log.info) -> Report:
     """A trained adapter and the baselines over the sweep, plus held-out separation."""
     ev = cfg.eval
     probes = probes or [load_probe(k, ev, tokenizer) for k in ev.probes]
