@@ -176,17 +176,35 @@ class Completions:
         return [{**asdict(p), "chosen": c, "rejected": r} for p, c, r in zip(self.prompts, self.chosen, self.rejected)]
 
 
+def _completion_cache(model, max_new_tokens: int, fingerprint: str, cache: Path | None) -> tuple[Path | None, dict]:
+    """The completions cache file for this model and these settings, and its rows by prompt key."""
+    from .models import numerics
+
+    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 2, "numerics": numerics(model)}
+    path = cache / f"completions-{digest({'fingerprint': fingerprint, 'settings': settings})}.jsonl" if cache else None
+    return path, {r["key"]: r for r in _read_jsonl(path) if isinstance(r, dict) and {"key", "chosen", "rejected"} <= set(r)}
+
+
+def planned(cfg: Config, model, train_pairs: list[ContrastivePair], fingerprint: str) -> tuple[int, int]:
+    """(prompts the run's training steps draw, how many of them the completions cache holds), for
+    the plan printed before a run; (0, 0) without behaviour terms."""
+    from .models import cache_dir
+
+    if not cfg.loss.behaviour:
+        return 0, 0
+    prompts = prompts_for(cfg.behaviour, cfg.data, train_pairs, cfg.train.seed)
+    used = [prompts[i] for i in scheduled(cfg.train.seed, cfg.train.steps, len(prompts), cfg.behaviour.batch_size)]
+    _, known = _completion_cache(model, cfg.behaviour.max_new_tokens, fingerprint, cache_dir() / "behaviour")
+    return len(used), sum(p.chosen is not None or digest(asdict(p)) in known for p in used)
+
+
 def completions(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int, fingerprint: str,
                 cache: Path | None, batch_size: int = 16, log=_log.info) -> Completions:
     """y_h / y_d for every prompt: given ones as given, the rest read from the cache or generated.
     The cache holds one row per prompt in a file keyed by the model's fingerprint and numerics
     (greedy text under bf16 is not fp32's) and the generation settings, so a run that needs other
     prompts of the same model generates only those."""
-    from .models import numerics
-
-    settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 2, "numerics": numerics(model)}
-    path = cache / f"completions-{digest({'fingerprint': fingerprint, 'settings': settings})}.jsonl" if cache else None
-    known = {r["key"]: r for r in _read_jsonl(path) if isinstance(r, dict) and {"key", "chosen", "rejected"} <= set(r)}
+    path, known = _completion_cache(model, max_new_tokens, fingerprint, cache)
     keys = [digest(asdict(p)) for p in prompts]
     chosen = [p.chosen if p.chosen is not None else known.get(k, {}).get("chosen") for p, k in zip(prompts, keys)]
     rejected = [p.rejected if p.rejected is not None else known.get(k, {}).get("rejected")

@@ -75,8 +75,10 @@ class Run:
     t0: float = dataclasses.field(default_factory=time.time)
     fit_seconds: float = 0.0
     stages: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Seconds per stage (load, directions, behaviour, attach, fit, save, evaluate), for timing.json."""
+    """Seconds per stage (load, plan, directions, behaviour, attach, fit, save, evaluate), for timing.json."""
     lap_at: float = 0.0
+    calibration: float | None = None
+    """``plan.calibrate``'s seconds on this machine (the plan's speed measure), for timing.json."""
 
     @property
     def zero(self) -> bool:
@@ -246,6 +248,9 @@ def prepare(cfg: Config, folder: Path, rank: int = 0, resume: bool = False, over
     run.say(f"model {cfg.model.name} ({run.model.dtype}, "
             f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.0f}M) loaded; "
             f"{len(run.train_pairs)} train / {len(run.val_pairs)} val pairs")
+    if run.zero and not resume:
+        _plan(run)
+        run.lap("plan")
     reused = _directions(run)
     run.lap("directions")
     _behaviour(run)
@@ -255,6 +260,24 @@ def prepare(cfg: Config, folder: Path, rank: int = 0, resume: bool = False, over
         _resume(run, reused)
     run.lap("attach")
     return run
+
+
+def _plan(run: Run) -> None:
+    """What the run is about to do, one line a stage, with the time each should take here."""
+    from . import behaviour as bh
+    from .plan import REFERENCE, calibrate, lines, machine_line
+
+    try:
+        n_prompts, cached = bh.planned(run.cfg, run.model, run.train_pairs, run.fingerprint)
+    except bh.BehaviourError as e:
+        raise Refused(f"behaviour error: {e}")
+    log.info(machine_line(run.model.dtype))
+    run.calibration = calibrate(run.model)
+    speed = run.calibration / REFERENCE["calibration"]
+    log.debug(f"calibration: {run.calibration:.3f} s for 8 x 64 tokens ({REFERENCE['calibration']} s on the "
+              f"reference: {REFERENCE['machine']})")
+    for line in lines(run.cfg, len(run.train_pairs) + len(run.val_pairs), n_prompts, cached, speed):
+        log.info(line)
 
 
 def _open_folder(run: Run, overwrite: bool) -> None:
@@ -524,7 +547,7 @@ def finish(run: Run) -> None:
     write_json(run.folder / "timing.json", {
         "seconds": time.time() - run.t0, "fit_seconds": run.fit_seconds,
         "step_seconds": run.fit_seconds / max(steps, 1), "eval_seconds": time.time() - t_eval,
-        "trainable_parameters": run.trainable, "kind": run.cfg.adapter.kind,
+        "trainable_parameters": run.trainable, "kind": run.cfg.adapter.kind, "calibration": run.calibration,
         "dtype": str(run.model.dtype).removeprefix("torch."),
         "stages": {k: round(v, 2) for k, v in run.stages.items()}})
     if run.logger:

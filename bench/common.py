@@ -10,26 +10,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def machine_line(dtype=None) -> str:
-    """Where a figure was measured: CPU model, cores, AMX or not, torch threads, dtype, GPU."""
-    import os
-    import platform
-
-    import torch
-
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {'AMX' if 'amx' in flags else 'no AMX'}, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads"
-            f"{f', dtype {dtype}' if dtype is not None else ''}, {gpu}")
-
-
 def step_args(doc: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bundled")

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import base_run, machine_line  # noqa: E402
+from common import base_run  # noqa: E402
+
+from adapters.plan import machine_line  # noqa: E402
 
 KIND_CONFIGS = {"lora": "honesty", "additive": "additive", "ether": "ether"}
 

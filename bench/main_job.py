@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-from common import machine_line  # noqa: E402
+from adapters.plan import machine_line  # noqa: E402
 
 
 def main() -> None:

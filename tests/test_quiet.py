@@ -126,9 +126,30 @@ def test_quiet_and_verbose_flags(tiny_dir, tmp_path, capsys, caplog):
         device_lines[flag] = [r for r in caplog.records if r.getMessage().startswith("GPU available")]
     default, q, v = outs[""].out, outs["-q"].out, outs["-v"].out
     assert "run folder:" in default and "loss layer" in default and "trained 2 steps" in default
+    assert "machine: " in default and "plan: 2 training steps of the lora adapter" in default
     assert "config:" not in default and not device_lines[""] and not device_lines["-q"]
     assert q.strip().splitlines() == [line for line in q.strip().splitlines() if line.startswith("done in")]
     assert len(q.strip().splitlines()) == 1
     assert all(line.startswith("warning: ") for line in outs["-q"].err.strip().splitlines())  # still shown
     assert "run folder:" in v and "config:" in v and device_lines["-v"]
     quiet.configure(0)
+
+
+def test_the_plan_of_the_main_job_is_its_reference_run():
+    """At the reference machine's speed, the plan of configs/honesty.yaml gives back the stage
+    times the reference run measured: the work units count what that run did."""
+    import re
+    from pathlib import Path
+
+    from adapters.config import load_config
+    from adapters.plan import REFERENCE, lines
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "honesty.yaml")
+    got = lines(cfg, 390, 118, 0, speed=1.0)[:-1]  # the last line is the total
+    seconds = [float(re.search(r"~([\d.]+) (s|min)$", line).group(1)) * (60 if line.endswith("min") else 1)
+               for line in got]
+    want = [REFERENCE["seconds"][k] for k in ("directions", "behaviour", "fit", "evaluate")]
+    assert len(got) == 4 and all(abs(a - b) <= 30 for a, b in zip(seconds, want)), (got, want)
+    assert lines(cfg, 390, 118, 118, speed=1.0)[1].endswith("from the cache")
+    cfg.eval.baselines = cfg.eval.baselines + ["repeng"]  # a peer: trained, then swept
+    assert lines(cfg, 390, 118, 0, speed=1.0)[3] != got[3]
