@@ -156,7 +156,7 @@ def test_train_every_other_kind(tiny_dir, tmp_path, kind):
     timing = json.loads((run_dir / "timing.json").read_text())
     assert timing["kind"] == kind and timing["trainable_parameters"] > 0 and timing["step_seconds"] > 0
     stages = timing["stages"]  # where the time went, stage by stage, adding up to the whole
-    assert list(stages) == ["load", "directions", "behaviour", "attach", "fit", "save", "evaluate"]
+    assert list(stages) == ["load", "plan", "directions", "behaviour", "attach", "fit", "save", "evaluate"]
     assert abs(sum(stages.values()) - timing["seconds"]) < 0.5 and stages["fit"] > 0
     model, _ = adapters.load_run(run_dir, device="cpu")
     assert adapters.tuners.attached_adapter(model).kind == kind
