@@ -51,6 +51,7 @@ from .data import PairCollator, encode_pairs
 from .errors import UserError
 from .io import load_tensors, read_json, save_tensors, write_json
 from .loss import masked_mean, token_nll
+from .quiet import progress
 
 _RIDGE = {**{f"fisher_steer_reg{k}": 10.0 ** -k for k in range(1, 6)},
           **{f"fisher_steer_cov_reg{k}": 10.0 ** -k for k in range(1, 6)}}
@@ -106,13 +107,26 @@ def _loader(tokenizer, pairs, max_length: int, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
+def _batches(tokenizer, pairs, max_length: int, batch_size: int):
+    """The pairs' batches, with a progress bar on a terminal (a bar updated by hand, around the
+    loader rather than wrapping it)."""
+    loader = _loader(tokenizer, pairs, max_length, batch_size)
+    bar = progress(None, "directions", total=len(loader))
+    try:
+        for batch in loader:
+            yield batch
+            bar.update()
+    finally:
+        bar.close()
+
+
 def collect(model, tokenizer, pairs, layers: list[str], max_length: int, batch_size: int = 16,
             token: str = "last", last_k: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Hidden states of the pairs at ``layers``: name -> (H_pos, H_neg), each (n, D) float32 on CPU."""
     device = next(model.parameters()).device
     pos = {n: [] for n in layers}
     neg = {n: [] for n in layers}
-    for batch in _loader(tokenizer, pairs, max_length, batch_size):
+    for batch in _batches(tokenizer, pairs, max_length, batch_size):
         with hidden.record(model, layers) as hs:
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                   logits_to_keep=1)  # only hidden states are used: skip the full-vocabulary logits
@@ -143,7 +157,7 @@ def collect_grads(model, tokenizer, pairs, layers: list[str], max_length: int, b
     hs_pos, hs_neg = {n: [] for n in layers}, {n: [] for n in layers}
     g_pos, g_neg = {n: [] for n in layers}, {n: [] for n in layers}
     lp_pos, lp_neg = [], []
-    for batch in _loader(tokenizer, pairs, max_length, batch_size):
+    for batch in _batches(tokenizer, pairs, max_length, batch_size):
         ids, mask = batch["input_ids"].to(device), batch["suffix_mask"].to(device)
         deltas: dict[str, torch.Tensor] = {}
 

@@ -85,7 +85,7 @@ def _in_a_terminal(cmd: list[str], cwd, timeout: float = 300, env=None) -> str:
 
 
 def test_every_long_stage_shows_a_progress_bar_in_a_terminal(tiny_dir, tmp_path):
-    """Behaviour completions, the teacher and the evaluation each draw a bar on a terminal (and
+    """The directions, behaviour completions, the teacher and the evaluation each draw a bar on a terminal (and
     none where the output is not a terminal: the tests' own captured runs)."""
     import os
     import re
@@ -102,7 +102,7 @@ def test_every_long_stage_shows_a_progress_bar_in_a_terminal(tiny_dir, tmp_path)
     out = _in_a_terminal([sys.executable, str(root / "train.py"), "--config", str(tmp_path / "tiny.yaml")], root,
                          env=env)
     assert "done in" in out, out[-2000:]
-    for stage in ("behaviour completions", "behaviour teacher", "evaluation"):
+    for stage in ("directions", "behaviour completions", "behaviour teacher", "evaluation"):
         assert re.search(rf"{stage}:\s+\d+%", out), f"no bar for {stage}"
 
 
