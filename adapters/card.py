@@ -42,19 +42,29 @@ def _fmt(v) -> str:
     return f"{v:+.3g}" if isinstance(v, (int, float)) else str(v)
 
 
+def _on_the_hub(name: str) -> bool:
+    """Whether a model name reads as a Hub model id (user/name) rather than a local folder."""
+    from .run import HUB_REPO
+
+    return bool(HUB_REPO.fullmatch(name)) and "@" not in name and not Path(name).expanduser().exists()
+
+
 def card_text(run: str | Path, library_name: str = "contrastive-adapters", plot: bool = True) -> str:
     """The card of the run in folder ``run`` (its config.yaml, and report.json when evaluated);
     ``plot`` links the run's report.png (present beside the card)."""
     run = Path(run)
     cfg = load_config(run / "config.yaml")
     base, kind = hub_id(cfg.model.name), cfg.adapter.kind
-    meta = {"base_model": base, "library_name": library_name, "pipeline_tag": "text-generation",
+    meta = {"library_name": library_name, "pipeline_tag": "text-generation",
             "tags": ["steering", "contrastive-adapters", "representation-engineering", kind]}
+    if _on_the_hub(base):  # the Hub checks base_model against its model ids: a local path is not one
+        meta = {"base_model": base, **meta}
     if cfg.data.pairs.startswith("hf:"):
         meta["datasets"] = [cfg.data.pairs.removeprefix("hf:")]
     pairs = {"builtin": "the built-in honesty pairs"}.get(cfg.data.pairs, f"`{cfg.data.pairs}`")
     lines = [
-        f"# {run.name}: a signed {kind} adapter for {base}", "",
+        f"# {run.name}: a signed {kind} adapter for {base}"
+        + ("" if _on_the_hub(base) else " (a local model: the card names no base_model)"), "",
         f"Trained with contrastive-adapters on {pairs}: "
         f"the persona \"{cfg.data.positive}\" against \"{cfg.data.negative}\" (user turn: "
         f"\"{cfg.data.template}\"). One adapter, three behaviours: coefficient +1 moves the model towards the "

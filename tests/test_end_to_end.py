@@ -75,7 +75,11 @@ def test_the_run_folder_holds_a_model_card_the_hub_reads(lora_run, tiny_dir):
 
     run_dir, _ = lora_run
     card = ModelCard.load(run_dir / "README.md")
-    assert card.data.base_model == tiny_dir and card.data.library_name == "contrastive-adapters"
+    assert card.data.library_name == "contrastive-adapters"
+    assert card.data.base_model is None and f"{tiny_dir} (a local model" in card.text  # not a Hub id: not in the metadata
+    from adapters.card import _on_the_hub
+
+    assert _on_the_hub("HuggingFaceTB/SmolLM2-135M-Instruct") and not _on_the_hub(tiny_dir)
     assert {"steering", "contrastive-adapters", "lora"} <= set(card.data.tags)
     summary = json.loads((run_dir / "report.json").read_text())["summary"]
     adapter = next(r for r in summary if r["method"] == "adapter")
@@ -183,7 +187,7 @@ def test_export_cli(lora_run, tiny_dir, tokenizer, tmp_path, capsys):
 
     for folder, library in (("merged", "transformers"), ("peft", "peft")):  # the run's card, not peft's template
         card = ModelCard.load(tmp_path / folder / "README.md")
-        assert card.data.library_name == library and card.data.base_model == tiny_dir, folder
+        assert card.data.library_name == library and card.data.base_model is None, folder
         assert "## Evaluation" in card.text and (tmp_path / folder / "report.png").is_file()
     assert cli.main(["export", "--run", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft"),
                      "--force"]) == 0  # the card and plot are the export's own files: --force replaces them
