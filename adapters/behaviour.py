@@ -38,7 +38,7 @@ import torch
 from .config import Config
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
-from .io import DamagedFileError, atomic_write_text, load_tensors, save_tensors
+from .io import atomic_write_text, load_tensors, save_tensors
 from .quiet import log as _log, progress
 
 
@@ -341,9 +341,6 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=_log.info,
                                      "without it; the completion must start a separate assistant turn")
         encs.append(enc)
     keep = [i for i, e in enumerate(encs) if e is not None]
-    if comps.prompts and not keep:
-        raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
-                             "non-empty chosen / rejected completions")
     out: list[tuple[Item, Item] | None] = [None] * len(encs)
     chunk_size = max(1, batch_size // 2)  # prompts at a time (6 sequences each): full-vocabulary log-probs are large
     for c in progress(range(0, len(keep), chunk_size), "behaviour teacher", unit="chunk"):
@@ -403,19 +400,21 @@ def cached_teacher(model, tokenizer, comps: Completions, support: int, path: Pat
     if path is not None and path.is_file():
         try:
             known = load_teacher(path)
-        except (DamagedFileError, KeyError, ValueError):
-            log(f"behaviour teacher: {path.name} is damaged; computing it again")
+        except (UserError, KeyError, ValueError):  # damaged, or written by another format version
+            _log.warning(f"behaviour teacher: the cache file {path} is unreadable; computing it again")
     keys = [item_key(p, y, n) for p, y, n in zip(comps.prompts, comps.chosen, comps.rejected)]
     todo = [i for i, k in enumerate(keys) if k not in known]
     out: list[tuple[Item, Item] | None] = [known.get(k) for k in keys]
     if todo:
         sub = Completions([comps.prompts[i] for i in todo], [comps.chosen[i] for i in todo],
                           [comps.rejected[i] for i in todo])
+        new = 0
         for i, pair in zip(todo, teacher(model, tokenizer, sub, support, log, batch_size)):
             out[i] = pair
-            if pair is not None:
+            if pair is not None:  # an empty completion has no item (and costs no pass to find out again)
                 known[keys[i]] = pair
-        if path is not None:
+                new += 1
+        if path is not None and new:
             save_teacher(path, known, {})
     if len(todo) < len(keys):
         log(f"behaviour teacher: {len(keys) - len(todo)} prompts from the cache ({path})")
@@ -507,6 +506,9 @@ def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], f
         else:  # the pool is the prompts with non-empty completions: every prompt is needed
             comps, got = targets(list(range(len(prompts))))
             items = [g for g in got if g is not None]
+            if not items:
+                raise BehaviourError("every behaviour completion is empty; raise behaviour.max_new_tokens or give "
+                                     "non-empty chosen / rejected completions")
         if run_dir is not None:
             atomic_write_text(run_dir / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in comps.rows()))
     if cfg.loss.w_kl > 0:

@@ -43,10 +43,11 @@ def _fmt(v) -> str:
 
 
 def _on_the_hub(name: str) -> bool:
-    """Whether a model name reads as a Hub model id (user/name) rather than a local folder."""
+    """Whether a model name reads as a Hub model id (user/name, optionally @revision) rather than a
+    local folder."""
     from .run import HUB_REPO
 
-    return bool(HUB_REPO.fullmatch(name)) and "@" not in name and not Path(name).expanduser().exists()
+    return bool(HUB_REPO.fullmatch(name)) and not Path(name).expanduser().exists()
 
 
 def card_text(run: str | Path, library_name: str = "contrastive-adapters", plot: bool = True) -> str:
@@ -58,7 +59,7 @@ def card_text(run: str | Path, library_name: str = "contrastive-adapters", plot:
     meta = {"library_name": library_name, "pipeline_tag": "text-generation",
             "tags": ["steering", "contrastive-adapters", "representation-engineering", kind]}
     if _on_the_hub(base):  # the Hub checks base_model against its model ids: a local path is not one
-        meta = {"base_model": base, **meta}
+        meta = {"base_model": base.split("@")[0], **meta}
     if cfg.data.pairs.startswith("hf:"):
         meta["datasets"] = [cfg.data.pairs.removeprefix("hf:")]
     pairs = {"builtin": "the built-in honesty pairs"}.get(cfg.data.pairs, f"`{cfg.data.pairs}`")

@@ -32,7 +32,7 @@ from .checkpoint import interrupted
 from .config import ConfigError, load_config, overrides_from, read_spec, spec_config_path
 from .evaluate.report import csv_text, md_table
 from .io import atomic_write_text, read_json, write_json
-from .quiet import log
+from .quiet import log, verbosity
 
 COLUMNS = ("run", "kind", "seeds", "trainable_params", "step_s", "score", "slope", "r2", "monotone", "valid_frac",
            "dnll_-1", "dnll_+1", "shift_up", "shift_down", "sep_-1", "sep_0", "sep_+1")
@@ -174,9 +174,10 @@ def _table(rows: list[dict]) -> list[str]:
     return md_table(head, [[_cell(r, c) for c in COLUMNS] for r in rows], align="ll" + "r" * (len(head) - 2))
 
 
-def compare(spec: dict, force: bool = False, log=log.info) -> list[dict]:
+def compare(spec: dict, force: bool = False, log=log.info, flags: tuple[str, ...] = ()) -> list[dict]:
+    """Train (or reuse) every run of ``spec`` and tabulate them; ``flags`` (-q / -v) go to each run."""
     out: Path = spec["out"]
-    train = _train_command()
+    train = [*_train_command(), *flags]
     seeds = spec.get("seeds")
     jobs = [(Path(p).stem, p, None) for p in spec["runs"]] if not seeds else \
         [(f"{Path(p).stem}-s{s}", p, s) for p in spec["runs"] for s in seeds]
@@ -226,7 +227,7 @@ def main(args) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        compare(spec, force=args.force)
+        compare(spec, force=args.force, flags={-1: ("-q",), 0: (), 1: ("-v",)}[verbosity(args)])
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

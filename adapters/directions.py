@@ -106,7 +106,6 @@ def _loader(tokenizer, pairs, max_length: int, batch_size: int) -> DataLoader:
     return DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=PairCollator(tokenizer.pad_token_id))
 
 
-@torch.no_grad()
 def _batches(tokenizer, pairs, max_length: int, batch_size: int):
     """The pairs' batches, with a progress bar on a terminal (a bar updated by hand, around the
     loader rather than wrapping it)."""
@@ -120,6 +119,7 @@ def _batches(tokenizer, pairs, max_length: int, batch_size: int):
         bar.close()
 
 
+@torch.no_grad()
 def collect(model, tokenizer, pairs, layers: list[str], max_length: int, batch_size: int = 16,
             token: str = "last", last_k: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Hidden states of the pairs at ``layers``: name -> (H_pos, H_neg), each (n, D) float32 on CPU."""

@@ -21,6 +21,7 @@ REFERENCE = {
     "machine": "2-core Intel Xeon with AMX, fp32, bundled SmolLM2-135M-Instruct",
     "calibration": 0.61,  # seconds for calibrate()'s pass there, in that run
     "seconds": {"directions": 24.4, "behaviour": 153.7, "fit": 176.2, "evaluate": 188.6, "peer": 150.0},
+    # peer: one independent library's vector, trained and swept (README: both add about 5 minutes)
     "work": {"directions": 390, "behaviour": 118 * 72, "step": 8 * 72 + 2 * 3 * 40, "steps": 50,
              "evaluate": 3 * 15 * 34 + 3 * 34 + 34},
 }
@@ -100,10 +101,10 @@ def lines(cfg, n_pairs: int, n_prompts: int, cached_prompts: int, speed: float) 
     if cfg.eval.enabled:
         ev = cfg.eval
         per_coeff = ev.neutral_items + sum(PROBE_ROWS.get(p, 50) for p in ev.probes)
-        vectors = [m for m in ev.baselines if m not in ("prompting", "base")]
-        scaled = (1 + len(vectors)) * (len(ev.coeffs) + 4) * per_coeff  # + the ΔNLL budget's search
+        ours = [m for m in ev.baselines if m in ("pca_vector", "mean_diff", "random")]
+        peers = [m for m in ev.baselines if m not in ("pca_vector", "mean_diff", "random", "prompting", "base")]
+        scaled = (1 + len(ours)) * (len(ev.coeffs) + 4) * per_coeff  # + the ΔNLL budget's search
         fixed = (3 if "prompting" in ev.baselines else 0) + (1 if "base" in ev.baselines else 0)
-        peers = [m for m in vectors if m not in ("pca_vector", "mean_diff", "random")]
         est = sec["evaluate"] * speed * (scaled + fixed * per_coeff) / work["evaluate"] + sec["peer"] * speed * len(peers)
         total += est
         out.append(f"plan: evaluation of the adapter and {len(ev.baselines)} baselines at {len(ev.coeffs)} coefficients "

@@ -1,11 +1,12 @@
 """The terminal: our messages through ``logging`` at levels, the libraries' expected messages
 silenced one by one, and progress bars.
 
-Messages go to the ``adapters`` logger (``log``): progress at INFO on stdout, warnings and errors
-on stderr with their level in front. ``configure(verbosity)`` is the command line's -q / -v:
--q shows warnings and errors only, and no progress bars; -v adds our DEBUG detail (cache files
-and the like) and the libraries' INFO lines (Lightning's device lines). A command's result (the
-report, where the run was saved) is printed, whatever the verbosity.
+Messages go to the ``adapters`` logger (``log``): progress (the report included) at INFO on
+stdout, warnings and errors on stderr with their level in front; a library user gets them
+at INFO without calling anything. ``configure(verbosity)`` is the command line's -q / -v: -q
+shows warnings and errors only, and no progress bars; -v adds our DEBUG detail (the resolved
+config, cache files) and the libraries' INFO lines (Lightning's device lines). A command's last
+line (where the run was saved, what was written) is printed, whatever the verbosity.
 
 Each entry names the exact message and the module that emits it, and why it does not concern a
 user of ours; nothing is silenced by category or module alone, so a new warning from the same
@@ -80,12 +81,17 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
-def configure(verbosity: int = 0) -> None:
-    """-q (verbosity < 0), default (0) or -v (> 0); calling it again replaces the setting."""
+def _console(level: int) -> None:
+    """Our handler on the ``adapters`` logger (once), at ``level``."""
     if not any(isinstance(h, _Console) for h in log.handlers):
         log.addHandler(_Console())
     log.propagate = False
-    log.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    log.setLevel(level)
+
+
+def configure(verbosity: int = 0) -> None:
+    """-q (verbosity < 0), default (0) or -v (> 0); calling it again replaces the setting."""
+    _console(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
     for name in LIBRARY_INFO:
         logging.getLogger(name).setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
     BARS["on"] = verbosity >= 0
@@ -95,6 +101,9 @@ def configure(verbosity: int = 0) -> None:
         (hf_logging.enable_progress_bar if BARS["on"] else hf_logging.disable_progress_bar)()
     except ImportError:
         pass
+
+
+_console(logging.INFO)  # the messages' default, for library use as for the commands
 
 
 def add_flags(parser) -> None:

@@ -330,6 +330,13 @@ def test_prepare_completes_only_the_prompts_training_draws(tmp_path, tiny, monke
     cfg.behaviour.max_new_tokens = 5  # another cache key: generated again
     items, _ = bh.prepare(cfg, model, tok, make_pairs(4), "fp", None, log=lambda *_: None)
     assert len(items) == 11 and all(it is not None for it in items)
+    monkeypatch.setattr(bh, "generate", lambda *a, **k: pytest.fail("cached completions were generated again"))
+    again, _ = bh.prepare(cfg, model, tok, make_pairs(4), "fp", None, log=lambda *_: None)  # the empty one cached
+    assert len(again) == 11 and all(torch.equal(a.lp, b.lp) for x, y in zip(items, again) for a, b in zip(x, y))
+    monkeypatch.setattr(bh, "generate", lambda *a, **k: [""] * len(a[2]))
+    cfg.behaviour.max_new_tokens = 6
+    with pytest.raises(bh.BehaviourError, match="every behaviour completion is empty"):
+        bh.prepare(cfg, model, tok, make_pairs(4), "fp", None, log=lambda *_: None)
 
 
 def test_shared_prefix_logprobs_equal_whole_sequences(tiny):

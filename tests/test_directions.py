@@ -421,3 +421,18 @@ def test_directions_save_load_round_trip(tmp_path, tiny_directions):
     assert Directions.load(tmp_path).fingerprint == d.fingerprint  # no check asked for
     with pytest.raises(DirectionsError, match="different base model"):
         Directions.load(tmp_path, fingerprint="0" * 20)
+
+
+def test_collect_builds_no_graph_even_with_trainable_parameters(tiny):
+    """collect is a measurement: with a parameter that requires grad it still returns plain
+    tensors (no autograd graph kept alive per batch)."""
+    from conftest import make_pairs
+
+    model, tok = tiny
+    p = model.get_input_embeddings().weight
+    p.requires_grad_(True)
+    try:
+        out = dirs.collect(model, tok, make_pairs(4), ["model.layers.1"], 64)
+    finally:
+        p.requires_grad_(False)
+    assert not any(t.requires_grad for pos_neg in out.values() for t in pos_neg)

@@ -79,7 +79,8 @@ def test_the_run_folder_holds_a_model_card_the_hub_reads(lora_run, tiny_dir):
     assert card.data.base_model is None and f"{tiny_dir} (a local model" in card.text  # not a Hub id: not in the metadata
     from adapters.card import _on_the_hub
 
-    assert _on_the_hub("HuggingFaceTB/SmolLM2-135M-Instruct") and not _on_the_hub(tiny_dir)
+    assert _on_the_hub("HuggingFaceTB/SmolLM2-135M-Instruct") and _on_the_hub("user/name@v1")
+    assert not _on_the_hub(tiny_dir)
     assert {"steering", "contrastive-adapters", "lora"} <= set(card.data.tags)
     summary = json.loads((run_dir / "report.json").read_text())["summary"]
     adapter = next(r for r in summary if r["method"] == "adapter")

@@ -127,7 +127,7 @@ def test_quiet_and_verbose_flags(tiny_dir, tmp_path, capsys, caplog):
         device_lines[flag] = [r for r in caplog.records if r.getMessage().startswith("GPU available")]
     q, v = outs["-q"].out, outs["-v"].out
     assert len(q.strip().splitlines()) == 1 and q.startswith("done in") and not device_lines["-q"]
-    assert all(line.startswith("warning: ") for line in outs["-q"].err.strip().splitlines())  # still shown
+    assert "warning: adapter layers [3] come after the last loss layer" in outs["-q"].err  # still shown
     assert "run folder:" in v and "loss layer" in v and "trained 2 steps" in v and "config:" in v
     assert "machine: " in v and "plan: 2 training steps of the lora adapter" in v and device_lines["-v"]
     quiet.configure(0)
@@ -152,4 +152,5 @@ def test_the_plan_of_the_main_job_is_its_reference_run():
     assert len(got) == 4 and all(abs(a - b) <= 30 for a, b in zip(seconds, want)), (got, want)
     assert lines(cfg, 390, 118, 118, speed=1.0)[1].endswith("from the cache")
     cfg.eval.baselines = cfg.eval.baselines + ["repeng"]  # a peer: trained, then swept
-    assert lines(cfg, 390, 118, 0, speed=1.0)[3] != got[3]
+    with_peer = float(re.search(r"~([\d.]+) min$", lines(cfg, 390, 118, 0, speed=1.0)[3]).group(1)) * 60
+    assert abs(with_peer - seconds[3] - REFERENCE["seconds"]["peer"]) <= 10, (with_peer, seconds[3])

@@ -19,6 +19,7 @@ import torch
 
 from .. import hidden
 from ..config import Config
+from ..quiet import log as _log
 from ..steer import steer
 
 
@@ -138,7 +139,7 @@ class Inputs:
     directions: object = None
     train_pairs: list = None
     val_pairs: list = None
-    log: callable = print
+    log: callable = _log.info
 
 
 def _pca(x: Inputs) -> Method:
