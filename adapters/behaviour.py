@@ -182,7 +182,8 @@ def _completion_cache(model, max_new_tokens: int, fingerprint: str, cache: Path 
 
     settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "version": 2, "numerics": numerics(model)}
     path = cache / f"completions-{digest({'fingerprint': fingerprint, 'settings': settings})}.jsonl" if cache else None
-    return path, {r["key"]: r for r in _read_jsonl(path) if isinstance(r, dict) and {"key", "chosen", "rejected"} <= set(r)}
+    rows = [r for r in _read_jsonl(path) if isinstance(r, dict) and {"key", "chosen", "rejected"} <= set(r)]
+    return path, {r["key"]: r for r in rows}
 
 
 def planned(cfg: Config, model, train_pairs: list[ContrastivePair], fingerprint: str) -> tuple[int, int]:

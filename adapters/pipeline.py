@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .quiet import add_flags, configure, log, verbosity
+from .quiet import BARS, add_flags, configure, log, verbosity
 
 
 class Refused(SystemExit):
@@ -308,7 +308,7 @@ def _directions(run: Run) -> bool:
     for layer in run.directions.selected:
         st = run.directions.stats[layer]
         log.info(f"  loss layer {layer}: corr {st['corr']:+.2f} val agreement {st['val_agreement']:.2f} "
-              f"scale {st['scale']:.2f}")
+                 f"scale {st['scale']:.2f}")
     return reused
 
 
@@ -335,8 +335,8 @@ def _attach(run: Run) -> None:
     late = [i for i in late if i > last_loss]
     if late:
         log.warning(f"adapter layers {late} come after the last loss layer ({last_loss}); they get gradient "
-              "only from the NLL barrier and mostly stay at the identity. Lower adapter.depth or select later "
-              "loss layers.")
+                    "only from the NLL barrier and mostly stay at the identity. Lower adapter.depth or select later "
+                    "loss layers.")
     run.say(f"adapter {run.cfg.adapter.kind}: {run.trainable} trainable parameters")
 
 
@@ -467,8 +467,6 @@ def _trainer(run: Run):
     from .checkpoint import CheckpointCallback
 
     tcfg = run.cfg.train
-    from .quiet import BARS
-
     callbacks = [CheckpointCallback(run.folder, tcfg.checkpoint_every, tcfg.steps, run.fingerprint, tcfg.seed)]
     callbacks += [_progress_bar()] if BARS["on"] else []
     if run.logger:
@@ -482,7 +480,8 @@ def _trainer(run: Run):
                      val_check_interval=tcfg.val_every, check_val_every_n_epoch=None,
                      gradient_clip_val=tcfg.grad_clip, log_every_n_steps=1,
                      limit_val_batches=tcfg.val_batches or None,
-                     enable_model_summary=False, enable_progress_bar=BARS["on"], default_root_dir=str(run.folder), precision=tcfg.precision)
+                     enable_model_summary=False, enable_progress_bar=BARS["on"], default_root_dir=str(run.folder),
+                     precision=tcfg.precision)
 
 
 def fit(run: Run) -> bool:

@@ -105,10 +105,10 @@ def lines(cfg, n_pairs: int, n_prompts: int, cached_prompts: int, speed: float) 
         peers = [m for m in ev.baselines if m not in ("pca_vector", "mean_diff", "random", "prompting", "base")]
         scaled = (1 + len(ours)) * (len(ev.coeffs) + 4) * per_coeff  # + the ΔNLL budget's search
         fixed = (3 if "prompting" in ev.baselines else 0) + (1 if "base" in ev.baselines else 0)
-        est = sec["evaluate"] * speed * (scaled + fixed * per_coeff) / work["evaluate"] + sec["peer"] * speed * len(peers)
+        est = speed * (sec["evaluate"] * (scaled + fixed * per_coeff) / work["evaluate"] + sec["peer"] * len(peers))
         total += est
-        out.append(f"plan: evaluation of the adapter and {len(ev.baselines)} baselines at {len(ev.coeffs)} coefficients "
-                   f"on {', '.join(ev.probes)}, {_minutes(est)}")
+        out.append(f"plan: evaluation of the adapter and {len(ev.baselines)} baselines at {len(ev.coeffs)} "
+                   f"coefficients on {', '.join(ev.probes)}, {_minutes(est)}")
     out.append(f"plan: {_minutes(total)} in all on this machine (estimated from a calibration pass against "
                f"the main job measured on a {ref['machine']})")
     return out

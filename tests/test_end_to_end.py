@@ -76,7 +76,7 @@ def test_the_run_folder_holds_a_model_card_the_hub_reads(lora_run, tiny_dir):
     run_dir, _ = lora_run
     card = ModelCard.load(run_dir / "README.md")
     assert card.data.library_name == "contrastive-adapters"
-    assert card.data.base_model is None and f"{tiny_dir} (a local model" in card.text  # not a Hub id: not in the metadata
+    assert card.data.base_model is None and f"{tiny_dir} (a local model" in card.text  # not a Hub id
     from adapters.card import _on_the_hub
 
     assert _on_the_hub("HuggingFaceTB/SmolLM2-135M-Instruct") and _on_the_hub("user/name@v1")
