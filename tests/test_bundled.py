@@ -145,12 +145,13 @@ def test_default_recipe_moves_self_report_both_ways(bundled, bundled_directions)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "honesty.yaml")
     assert cfg.loss.behaviour, "the main job's loss has behaviour terms"
     cfg.behaviour = BehaviourConfig(max_prompts=12, openings=4, max_new_tokens=16)
+    cfg.train = TrainConfig(steps=STEPS, batch_size=4, warmup=1)  # prepare readies what these steps draw
     items, neutral = bh.prepare(cfg, model, tok, train, base_fingerprint(model), None, log=lambda *_: None)
     L.seed_everything(0, verbose=False)
     checksum = BaseChecksum(model)
     peft_model, adapter = attach(model, AdapterConfig(depth=[0.4, 0.95]), d)
     try:
-        system = ContrastiveModule(peft_model, adapter, d, cfg.loss, TrainConfig(steps=STEPS, batch_size=4, warmup=1),
+        system = ContrastiveModule(peft_model, adapter, d, cfg.loss, cfg.train,
                                    checksum, behaviour=items, neutral=neutral, behaviour_cfg=cfg.behaviour,
                                    pad_id=tok.pad_token_id)
         loader = DataLoader(encode_pairs(tok, train, 96), batch_size=4, shuffle=True,
