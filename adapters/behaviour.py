@@ -186,6 +186,12 @@ def _completion_cache(model, max_new_tokens: int, fingerprint: str, cache: Path 
     return path, {r["key"]: r for r in rows}
 
 
+def _drawn(cfg: Config, train_pairs: list[ContrastivePair]) -> tuple[list[BehaviourPrompt], list[int]]:
+    """The run's behaviour prompts, and the indices of those its training steps draw."""
+    prompts = prompts_for(cfg.behaviour, cfg.data, train_pairs, cfg.train.seed)
+    return prompts, scheduled(cfg.train.seed, cfg.train.steps, len(prompts), cfg.behaviour.batch_size)
+
+
 def planned(cfg: Config, model, train_pairs: list[ContrastivePair], fingerprint: str) -> tuple[int, int]:
     """(prompts the run's training steps draw, how many of them the completions cache holds), for
     the plan printed before a run; (0, 0) without behaviour terms."""
@@ -193,8 +199,8 @@ def planned(cfg: Config, model, train_pairs: list[ContrastivePair], fingerprint:
 
     if not cfg.loss.behaviour:
         return 0, 0
-    prompts = prompts_for(cfg.behaviour, cfg.data, train_pairs, cfg.train.seed)
-    used = [prompts[i] for i in scheduled(cfg.train.seed, cfg.train.steps, len(prompts), cfg.behaviour.batch_size)]
+    prompts, ix = _drawn(cfg, train_pairs)
+    used = [prompts[i] for i in ix]
     _, known = _completion_cache(model, cfg.behaviour.max_new_tokens, fingerprint, cache_dir() / "behaviour")
     return len(used), sum(p.chosen is not None or digest(asdict(p)) in known for p in used)
 
@@ -361,9 +367,6 @@ def teacher(model, tokenizer, comps: Completions, support: int, log=_log.info,
     return out
 
 
-_ITEM_FIELDS = ("ids", "tok_lp0", "idx", "lp", "rest")
-
-
 def save_teacher(path: Path, items: dict[str, tuple[Item, Item]], meta: dict) -> None:
     """Teacher items under their keys (``item_key``), written atomically."""
     tensors = {}
@@ -488,7 +491,7 @@ def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], f
     cache = cache_dir() / "behaviour"
     if cfg.loss.behaviour:
         b = cfg.behaviour
-        prompts = prompts_for(b, cfg.data, train_pairs, cfg.train.seed)
+        prompts, used = _drawn(cfg, train_pairs)
         settings = {"max_new_tokens": b.max_new_tokens, "support": b.support, "version": 2,
                     "numerics": numerics(model)}
         path = cache / f"teacher-{digest({'fingerprint': fingerprint, 'settings': settings})}.safetensors"
@@ -498,7 +501,6 @@ def prepare(cfg: Config, model, tokenizer, train_pairs: list[ContrastivePair], f
                                 b.gen_batch_size, log)
             return comps, cached_teacher(model, tokenizer, comps, b.support, path, log, b.gen_batch_size)
 
-        used = scheduled(cfg.train.seed, cfg.train.steps, len(prompts), b.batch_size)
         comps, got = targets(used)
         if all(g is not None for g in got):
             items = [None] * len(prompts)
