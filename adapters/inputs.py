@@ -98,7 +98,7 @@ def check_model_inputs(cfg: Config, model, tok, train_pairs, val_pairs):
     problems, encoded = [], ([], [])
     for what, patterns, depth in (("directions.candidates", cfg.directions.candidates, cfg.directions.depth),
                                   ("directions.explicit", cfg.directions.explicit, (0.0, 1.0)),
-                                  ("adapter.layers", cfg.adapter.layers, cfg.adapter.depth)):
+                                  ("adapter.targets", cfg.adapter.targets, cfg.adapter.depth)):
         if not patterns:
             continue
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig
+from .config import AdditiveOptions, adapter_from_saved
 from .errors import UserError
 from .io import load_tensors, save_tensors, tensors_digest
 from .models import base_fingerprint, base_weights, weights_differ
@@ -190,12 +190,12 @@ def load_adapter(model, path: str | Path, directions=None):
                        "config, embeddings and norms match (a fine-tune of the same model?); load it onto "
                        "the exact base model named in its run's config.yaml")
     try:
-        cfg = AdapterConfig(**meta["adapter"])
+        cfg = adapter_from_saved(meta["adapter"])
     except Exception as e:  # a header edited by hand: missing, unknown or invalid adapter settings
         raise RunError(f"{path}: the adapter settings in its header are damaged ({e})") from None
     # the saved tensors replace whatever attach initialises, so loading never needs the
     # directions (an additive adapter trained with init=directions is attached with zeros)
-    model, adapter = attach(model, dataclasses.replace(cfg, init="zeros"), directions)
+    model, adapter = attach(model, dataclasses.replace(cfg, additive=AdditiveOptions("zeros")), directions)
     adapter.cfg = cfg
     adapter.load_state_tensors(tensors)
     return model, adapter

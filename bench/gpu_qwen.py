@@ -43,7 +43,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "models" / "qwen3-0.6b.yaml")
     cfg.loss = load_config(ROOT / "configs" / "recipes" / "reprpo.yaml").loss  # the ReprPO step (bench/common.py)
     pairs = data.load_pairs(cfg.data)
-    print(f"{torch.cuda.get_device_name()}; {args.model}, LoRA r={cfg.adapter.r}, {args.batch} pairs per step")
+    print(f"{torch.cuda.get_device_name()}; {args.model}, LoRA r={cfg.adapter.lora.r}, {args.batch} pairs per step")
     print("| base | tokens/s | s/step | peak GPU memory |")
     print("|---|---:|---:|---:|")
     for quant in ("4bit", "none"):

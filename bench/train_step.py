@@ -52,8 +52,8 @@ def main() -> None:
     system = ContrastiveModule(model, adapter, d, cfg.loss, cfg.train, BaseChecksum(model)).to(device)
     opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-5)
 
-    targets = resolve(base, cfg.adapter.layers, cfg.adapter.depth)
-    bare = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha,
+    targets = resolve(base, cfg.adapter.targets, cfg.adapter.depth)
+    bare = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=cfg.adapter.lora.r, lora_alpha=cfg.adapter.lora.alpha,
                                                                     target_modules=targets, lora_dropout=0.0))
     bare_opt = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=1e-5)
 
@@ -120,7 +120,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med["ours (cached base, one pass for both signs)"]
     print(f"model {args.model} ({base.dtype}, {device}), {args.batch} pairs x {batch['input_ids'].shape[1]} tokens "
-          f"(suffix logits {keep}), LoRA r={cfg.adapter.r} on {len(targets)} modules, {args.steps} timed steps, "
+          f"(suffix logits {keep}), LoRA r={cfg.adapter.lora.r} on {len(targets)} modules, {args.steps} timed steps, "
           f"{torch.get_num_threads()} threads")
     print("| step | s/step (median) | min | ours / this |")
     print("|---|---:|---:|---:|")

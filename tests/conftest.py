@@ -7,6 +7,7 @@ that takes ``model.name`` (load_base, train.py, load_run) can point at their fol
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from adapters import models
-from adapters.config import AdapterConfig, DirectionsConfig, load_config
+from adapters.config import AdapterConfig, DirectionsConfig, LoraOptions, load_config
 from adapters.data import PairCollator, builtin_suffixes, encode_pairs, persona_pairs
 
 torch.set_num_threads(2)
@@ -39,9 +40,11 @@ REPRPO_LOSS = load_config(os.path.join(os.path.dirname(__file__), "..", "configs
 """The card's loss (ReprPO + NLL margin, no behaviour terms), for systems built without behaviour data."""
 
 
-def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
-    kw = {"layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0], "r": 4, "alpha": 8.0, **kw}
-    return AdapterConfig(kind=kind, **kw)
+def tiny_adapter_cfg(kind: str, targets: list[str] | None = None, depth=(0.0, 1.0), **options) -> AdapterConfig:
+    """A ``kind`` adapter over the tiny model's layers; ``options`` set the kind's own options."""
+    cfg = AdapterConfig(kind=kind, targets=targets or TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), depth=list(depth),
+                        lora=LoraOptions(r=4, alpha=8.0))
+    return dataclasses.replace(cfg, **{kind: dataclasses.replace(cfg.options, **options)})
 
 
 def tiny_directions_cfg(**kw) -> DirectionsConfig:
@@ -56,7 +59,7 @@ def tiny_config(tiny_dir: str, runs_dir, kind: str) -> dict:
         "model": {"name": tiny_dir, "dtype": "float32", "device": "cpu"},
         "data": {"max_pairs": 24},
         "directions": {"candidates": ["model.layers.{N}"], "depth": [0.0, 1.0], "n_layers": 2},
-        "adapter": {"kind": kind, "layers": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
+        "adapter": {"kind": kind, "targets": TINY_ADAPTER_LAYERS.get(kind, LINEAR_LAYERS), "depth": [0.0, 1.0]},
         "behaviour": {"max_prompts": 6, "openings": 2, "max_new_tokens": 6},
         "train": {"steps": 2, "val_every": 1, "batch_size": 4, "warmup": 0, "accelerator": "cpu"},
         "eval": {"coeffs": [-1.0, 0.0, 1.0], "max_items": 3, "neutral_items": 2, "n_boot": 50},

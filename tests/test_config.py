@@ -3,6 +3,7 @@ closest valid key; command-line overrides; bad values are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -152,12 +153,14 @@ def test_config_file_errors(tmp_path):
 def test_every_problem_is_reported_at_once():
     """A config with several mistakes names all of them in one error, not one per attempt."""
     with pytest.raises(ConfigError) as err:
-        config_from_dict({"train": {"stpes": 3, "lr": "x"}, "adapter": {"kind": "lorra", "block_size": 1},
+        config_from_dict({"train": {"stpes": 3, "lr": "x", "steps": 0},
+                          "adapter": {"kind": "lorra", "boft": {"block_size": 1}, "r": 4},
                           "eval": {"coeffs": [1, 2, 3]}, "bogus": {}})
     msg = str(err.value)
-    assert msg.startswith("6 problems in the config:")
-    for part in ["did you mean 'steps'", "train.lr: expected a number", "adapter.kind='lorra'",
-                 "adapter.block_size must be >= 2", "eval.coeffs must contain 0", "unknown config key 'bogus'"]:
+    assert msg.startswith("8 problems in the config:")
+    for part in ["did you mean 'steps'", "train.lr: expected a number", "train.steps and train.batch_size must be >= 1",
+                 "adapter.kind='lorra'", "adapter.boft.block_size must be >= 2", "adapter.r is now adapter.lora.r",
+                 "eval.coeffs must contain 0", "unknown config key 'bogus'"]:
         assert part in msg, part
 
 
@@ -192,6 +195,12 @@ def test_choices_equal_their_registries():
     assert probes.PROBE_KINDS is config.PROBE_KINDS
     assert sorted(config.BASELINES) == sorted([*methods.BASELINES, *peers.PEERS])
     assert set(methods.NEEDS_DIRECTIONS) <= set(methods.BASELINES)
+    adapter = config.AdapterConfig()
+    for kind, cls in KINDS.items():  # each kind's options: one section of the adapter config, of the kind's own type
+        assert type(getattr(adapter, kind)) is cls.options, kind
+        assert dataclasses.replace(adapter, kind=kind).options is getattr(adapter, kind)
+    sections = {f.name for f in dataclasses.fields(adapter) if dataclasses.is_dataclass(getattr(adapter, f.name))}
+    assert sections == set(KINDS)
     imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(config)))
                 if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert imported <= {"errors", "io"}, imported
@@ -207,9 +216,16 @@ def test_train_help_lists_every_key_with_its_default_and_doc(capsys):
         cli.main(["train", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(getattr(Config(), section.name)):
-            assert f"  --{section.name}.{f.name} " in out, f"{section.name}.{f.name} missing from --help"
+    def keys(values, where):
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            yield from keys(value, f"{where}{f.name}.") if dataclasses.is_dataclass(value) else [f"{where}{f.name}"]
+
+    every = list(keys(Config(), ""))
+    assert "adapter.lora.r" in every and "train.steps" in every
+    for key in every:
+        assert f"  --{key} " in out, f"{key} missing from --help"
+    assert "--adapter.road.variant 'road_1'\n      One of: road_1, road_2, road_4." in out
     assert "--loss.nll_margin 0.1\n      τ: per-token NLL increase over the base allowed for free (nats)." in out
 
 

@@ -242,6 +242,36 @@ def test_files_from_another_format_version_are_refused(lora_run, tmp_path):
         Directions.load(old)
 
 
+def test_a_run_saved_with_the_flat_adapter_section_still_loads(lora_run, tmp_path):
+    """Run folders written before each kind had its own options (adapter.r, adapter.layers, ...
+    in one flat section) load as before: the keys move to their places."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def flat(section: dict) -> dict:
+        out = {"kind": section["kind"], "layers": section["targets"], "depth": section["depth"]}
+        out.update(r=section["lora"]["r"], alpha=section["lora"]["alpha"], dropout=section["lora"]["dropout"],
+                   init=section["additive"]["init"], block_size=section["boft"]["block_size"],
+                   group_size=section["road"]["group_size"], road_variant=section["road"]["variant"],
+                   n_blocks=section["ether"]["n_blocks"], side=section["ether"]["side"])
+        return out
+
+    run_dir, _ = lora_run
+    old = tmp_path / "flat-run"
+    shutil.copytree(run_dir, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump({**cfg, "adapter": flat(cfg["adapter"])}, sort_keys=False))
+    tensors = load_file(str(old / "adapter.safetensors"))
+    meta = load_tensors(old / "adapter.safetensors")[1]
+    save_file(tensors, str(old / "adapter.safetensors"), metadata={"meta": json.dumps({**meta, "adapter": flat(meta["adapter"])})})
+
+    assert load_config(old / "config.yaml") == load_config(run_dir / "config.yaml")
+    new_run, old_run = pipeline.load(run_dir, device="cpu"), pipeline.load(old, device="cpu")
+    assert old_run.adapter.cfg == new_run.adapter.cfg
+    assert all(torch.equal(t, new_run.adapter.state_tensors()[k]) for k, t in old_run.adapter.state_tensors().items())
+
+
 def test_our_code_never_unpickles():
     """Our own files are safetensors + JSON/YAML: no torch.load, pickle or yaml.load anywhere."""
     sources = list((ROOT / "adapters").rglob("*.py")) + [ROOT / "train.py"]

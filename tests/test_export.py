@@ -158,7 +158,7 @@ def test_control_vector_refusals(tiny, tmp_path):
     with pytest.raises(export.ExportError, match="layer 0"):
         export.save_control_vector(model, tmp_path / "a.gguf")
     fresh = load_base(hidden.base_model_of(model).name_or_path, dtype="float32", device="cpu")[0]
-    fresh, _ = attach(fresh, tiny_adapter_cfg("additive", layers=["model.layers.{N}.mlp.down_proj"], depth=[0.5, 1.0]))
+    fresh, _ = attach(fresh, tiny_adapter_cfg("additive", targets=["model.layers.{N}.mlp.down_proj"], depth=[0.5, 1.0]))
     with pytest.raises(export.ExportError, match="decoder-layer outputs"):
         export.save_control_vector(fresh, tmp_path / "b.gguf")
     other = load_base(hidden.base_model_of(model).name_or_path, dtype="float32", device="cpu")[0]

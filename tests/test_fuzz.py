@@ -73,7 +73,7 @@ def test_probe_loaders(content, kind):
 yaml_like = (texty
              | st.dictionaries(st.sampled_from(["model", "data", "train", "adapter", "eval", "loss", "log", "bogus"]),
                                st.dictionaries(texty | st.sampled_from(["steps", "lr", "kind", "coeffs", "depth",
-                                                                        "layers", "name", "pairs"]),
+                                                                        "targets", "lora", "r", "name", "pairs"]),
                                                json_values, max_size=3), max_size=3).map(json.dumps))
 
 
@@ -102,7 +102,8 @@ def test_config_parser(text):
 
 @FUZZ
 @given(args=st.lists(texty | st.sampled_from(["--train.steps", "--eval.coeffs", "--adapter.kind", "--log.name",
-                                              "--train", "--x.y.z", "[1, 2", "nan", "--adapter.depth=[0.1,0.2]"]),
+                                              "--train", "--x.y.z", "[1, 2", "nan", "--adapter.depth=[0.1,0.2]",
+                                              "--adapter.lora.r", "--adapter.lora"]),
                      max_size=6))
 def test_overrides_parser(args):
     try:
@@ -121,7 +122,8 @@ def test_fuzz_targets_accept_valid_input(tmp_path):
     f.write_text(json.dumps({"prefix": "a", "true": "b", "false": "c"}) + "\n")
     assert probes.probe_rows("facts", EvalConfig(facts=str(f)))["rows"]
     # the config properties reach their round trip: these parse
-    _round_trips(load_config(None, parse_overrides(["--train.steps", "7", "--adapter.depth=[0.1,0.2]"])))
+    _round_trips(load_config(None, parse_overrides(["--train.steps", "7", "--adapter.depth=[0.1,0.2]",
+                                                    "--adapter.lora.r", "4"])))
     c = tmp_path / "c.yaml"
     c.write_text(json.dumps({"train": {"steps": 3}, "loss": {"coeffs": [1, 2.5]}}))
     assert load_config(c).train.steps == 3

@@ -55,7 +55,7 @@ def set_control_vector(llm, vectors: dict[int, torch.Tensor], strength: float, o
 
 def test_the_exported_control_vector_steers_llama_cpp_as_steer_does(bundled, tmp_path):
     model, tok = copy.deepcopy(bundled[0]), bundled[1]  # a private copy: attaching mutates the model
-    model, adapter = attach(model, AdapterConfig(kind="additive", layers=["model.layers.{N}"], depth=[0.3, 0.6]))
+    model, adapter = attach(model, AdapterConfig(kind="additive", targets=["model.layers.{N}"], depth=[0.3, 0.6]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter.trainable_parameters():  # norm ~ 7: a visible, finite move of the output

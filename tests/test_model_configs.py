@@ -104,7 +104,7 @@ def test_model_config_layer_patterns_exist_in_the_architecture(path):
     text = path.read_text()
     assert f"{n} layers" in text and f"{{N}} = 0..{n - 1}" in text, "the comment gives the layer count and range"
     candidates = hidden.resolve(model, cfg.directions.candidates, cfg.directions.depth)
-    targets = hidden.resolve(model, cfg.adapter.layers, cfg.adapter.depth)
+    targets = hidden.resolve(model, cfg.adapter.targets, cfg.adapter.depth)
     assert candidates and targets
     # every pattern the comment lists resolves too
     for pat in ("model.layers.{N}", "model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUANTIZATIONS = ["4bit", "8bit"]
 # RoAd pairs outputs in groups (default 64) and OFT rotates input blocks (default 32): both fit
 # the tiny model's o_proj / down_proj; these smaller values fit every Linear of it.
-SMALL = {"block_size": 16, "group_size": 16}
+SMALL = {"oft": {"block_size": 16}, "road": {"group_size": 16}}
 IDENTITY_INIT = {"lora": "lora_B", "oft": "oft_R", "road": "road_theta", "additive": "additive_vectors"}
 """The tensor of each kind that starts at zero (the identity) and must move in training."""
 
@@ -114,7 +114,7 @@ def test_kind_on_a_quantized_base(tiny_dir, tokenizer, kind, quantization):
     checksum = BaseChecksum(model)
     batch = make_batch(tokenizer, 2)
     base = logits(model, batch)
-    model, adapter = attach_random(model, kind, **SMALL)
+    model, adapter = attach_random(model, kind, **SMALL.get(kind, {}))
     with steer(model, 0.0):
         assert torch.equal(logits(model, batch), base), "c = 0 must be bitwise the quantized base"
     for c in (1.0, -1.0):
@@ -141,7 +141,7 @@ def test_road_keeps_the_dtype_on_a_bf16_quantized_base(tiny_dir, tokenizer, quan
     model, _ = qload(tiny_dir, quantization, dtype="bfloat16")
     batch = make_batch(tokenizer, 2)
     base = logits(model, batch)
-    model, adapter = attach_random(model, "road", **SMALL)
+    model, adapter = attach_random(model, "road", **SMALL["road"])
     with steer(model, 1.0):
         out = logits(model, batch)
     assert out.dtype == torch.bfloat16 and (out.float() - base.float()).abs().max() > 0
@@ -260,7 +260,7 @@ def _step(tiny_dir, tiny_directions, tokenizer, kind, checkpointing, quantizatio
         enable_gradient_checkpointing(model)
     layers = (["model.layers.{N}", "model.layers.{N}.self_attn.o_proj"] if kind == "additive"
               else ["model.layers.{N}.self_attn.o_proj", "model.layers.{N}.mlp.down_proj"])
-    model, adapter = attach_random(model, kind, layers=layers, std=0.2)
+    model, adapter = attach_random(model, kind, targets=layers, std=0.2)
     system = ContrastiveModule(model, adapter, tiny_directions, REPRPO_LOSS, TrainConfig(), BaseChecksum(model))
     system.train()
     terms = system.step_terms(make_batch(tokenizer, 3))

@@ -1,6 +1,7 @@
 """Adapter kinds with a signed coefficient, in one registry.
 
-Each kind = a class deriving from ``Adapter`` (its settings live in ``AdapterConfig``) with
+Each kind = a class deriving from ``Adapter`` (its options: ``AdapterConfig.<kind>``, of the class's
+``options`` dataclass) with
 ``attach``, an ``apply(c)`` context manager and ``merge_into``. Its parameters are named with
 the kind's prefix (``lora_``, ``boft_`` ...) so trainable-parameter selection and the base
 checksum work by name. ``KINDS`` drives the generic tests.

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from .. import hidden
-from ..config import AdapterConfig
+from ..config import AdapterConfig, AdditiveOptions
 from .base import Adapter, param_key as _key
 
 
 class AdditiveAdapter(Adapter):
     kind = "additive"
     param_prefixes = ("additive_",)
+    options = AdditiveOptions
     quantizable = True
     exact_inverse = True
     per_example = True
@@ -30,12 +31,12 @@ class AdditiveAdapter(Adapter):
 
     @classmethod
     def attach(cls, model, cfg: AdapterConfig, directions=None):
-        layers = hidden.resolve(model, cfg.layers, cfg.depth)
+        layers = hidden.resolve(model, cfg.targets, cfg.depth)
         dim = hidden.output_dim(model, layers[0])
         adapter = cls(model, cfg, layers, dim).to(next(model.parameters()).device)
-        if getattr(cfg, "init", "zeros") == "directions":
+        if cfg.additive.init == "directions":
             if directions is None:
-                raise ValueError("adapter.init=directions needs reference directions")
+                raise ValueError("adapter.additive.init=directions needs reference directions")
             adapter.init_from(directions)
         adapter.bind(model)
         adapter.edit_modules(adapter.targets, "output")

@@ -61,6 +61,8 @@ class Steering(NamedTuple):
 class Adapter(nn.Module, abc.ABC):
     kind: str = ""
     param_prefixes: tuple[str, ...] = ()
+    options: type = type(None)
+    """The dataclass of this kind's options: ``AdapterConfig.<kind>`` holds one."""
     per_example: bool = False
     """Whether ``apply`` takes a 1-d coefficient (one value per batch row)."""
     quantizable: bool = False

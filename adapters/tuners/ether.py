@@ -23,41 +23,43 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import hidden
-from ..config import AdapterConfig
+from ..config import AdapterConfig, EtherOptions
 from .base import Adapter, param_key as _key
 
 
 class EtherAdapter(Adapter):
     kind = "ether"
     param_prefixes = ("ether_",)
+    options = EtherOptions
     per_example = True
 
     def __init__(self, model, cfg: AdapterConfig, targets: list[str], dims: list[int]):
         super().__init__(model, cfg)
         self.targets = list(targets)
-        n = cfg.n_blocks
+        n = cfg.ether.n_blocks
         us = {_key(t): torch.randn(n, d // n) / (d // n) ** 0.5 for t, d in zip(targets, dims)}
         self.ether_u = nn.ParameterDict({k: nn.Parameter(u.clone()) for k, u in us.items()})
         self.ether_v = nn.ParameterDict({k: nn.Parameter(-u) for k, u in us.items()})
 
     @classmethod
     def attach(cls, model, cfg: AdapterConfig, directions=None):
-        targets = hidden.resolve(model, cfg.layers, cfg.depth)
+        targets = hidden.resolve(model, cfg.targets, cfg.depth)
         dims = []
         for t in targets:
             mod = hidden.get_module(model, t)
             if not isinstance(mod, nn.Linear):
                 raise ValueError(f"adapter kind 'ether' needs Linear modules; {t!r} is a {type(mod).__name__}. "
                                  "Use patterns such as model.layers.{N}.mlp.down_proj")
-            d = mod.in_features if cfg.side == "in" else mod.out_features
-            if d % cfg.n_blocks:
-                raise ValueError(f"adapter.n_blocks {cfg.n_blocks} does not divide the {cfg.side}put size {d} "
+            d = mod.in_features if cfg.ether.side == "in" else mod.out_features
+            if d % cfg.ether.n_blocks:
+                raise ValueError(f"adapter.ether.n_blocks {cfg.ether.n_blocks} does not divide the {cfg.ether.side}put "
+                                 f"size {d} "
                                  f"of {t!r}; choose a divisor of {d}")
             dims.append(d)
         param = next(model.parameters())
         adapter = cls(model, cfg, targets, dims).to(param.device)
         adapter.bind(model)
-        adapter.edit_modules(targets, "input" if cfg.side == "in" else "output")
+        adapter.edit_modules(targets, "input" if cfg.ether.side == "in" else "output")
         return model, adapter
 
     def trainable_parameters(self):
@@ -89,7 +91,7 @@ class EtherAdapter(Adapter):
     def edit(self, module: nn.Module, name: str, y: torch.Tensor, c) -> torch.Tensor:
         """``H(c)`` on the module's input x, or on its output ``W x`` (the bias kept outside)."""
         bias = module.bias
-        if self.cfg.side == "out" and bias is not None:  # H(c)·(W x) + b
+        if self.cfg.ether.side == "out" and bias is not None:  # H(c)·(W x) + b
             return self.reflect(name, y - bias, c) + bias
         return self.reflect(name, y, c)
 
@@ -105,4 +107,4 @@ class EtherAdapter(Adapter):
             lin = hidden.get_module(target, t)
             H = self.matrix(t, c).to(lin.weight.device)  # symmetric
             w = lin.weight.data.float()
-            lin.weight.data.copy_((H @ w if self.cfg.side == "out" else w @ H).to(lin.weight.dtype))
+            lin.weight.data.copy_((H @ w if self.cfg.ether.side == "out" else w @ H).to(lin.weight.dtype))

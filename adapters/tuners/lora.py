@@ -13,13 +13,14 @@ import contextlib
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, LoraOptions
 from .peft_base import ADAPTER_NAME, PeftAdapter
 
 
 class LoraAdapter(PeftAdapter):
     kind = "lora"
     param_prefixes = ("lora_",)
+    options = LoraOptions
     quantizable = True
     exact_inverse = True
     per_example = True
@@ -29,7 +30,7 @@ class LoraAdapter(PeftAdapter):
     def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import LoraConfig
 
-        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=targets, init_lora_weights=True, bias="none")
 
     def lora_layers(self):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, BoftOptions, OftOptions
 from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
@@ -30,13 +30,14 @@ def _skip_boft_cuda_build() -> None:
 
 
 class _BlockRotation(SwapAdapter):
-    """Shared by BOFT and OFT: blocks of ``adapter.block_size`` must tile each input."""
+    """Shared by BOFT and OFT: blocks of ``adapter.<kind>.block_size`` must tile each input."""
 
     @classmethod
     def check_target(cls, name, module, cfg: AdapterConfig):
         super().check_target(name, module, cfg)
-        if module.in_features % cfg.block_size:
-            raise ValueError(f"adapter.block_size {cfg.block_size} does not divide the input size "
+        block = getattr(cfg, cls.kind).block_size
+        if module.in_features % block:
+            raise ValueError(f"adapter.{cls.kind}.block_size {block} does not divide the input size "
                              f"{module.in_features} of {name!r} ({cls.kind} rotates blocks of the input); "
                              f"choose a divisor of {module.in_features}")
 
@@ -45,6 +46,7 @@ class BoftAdapter(_BlockRotation):
     kind = "boft"
     param_prefixes = ("boft_",)
     exact_inverse = True
+    options = BoftOptions
     layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
 
     @classmethod
@@ -52,8 +54,8 @@ class BoftAdapter(_BlockRotation):
         from peft import BOFTConfig
 
         _skip_boft_cuda_build()
-        return BOFTConfig(boft_block_size=cfg.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
-                          boft_dropout=cfg.dropout, target_modules=targets, init_weights=True, bias="none")
+        return BOFTConfig(boft_block_size=cfg.boft.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
+                          boft_dropout=cfg.boft.dropout, target_modules=targets, init_weights=True, bias="none")
 
     def swaps(self, layer):
         return [(layer.boft_R, ADAPTER_NAME, scaled),
@@ -65,13 +67,14 @@ class OftAdapter(_BlockRotation):
     param_prefixes = ("oft_",)
     quantizable = True
     exact_inverse = True
+    options = OftOptions
     layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
 
     @classmethod
     def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import OFTConfig
 
-        return OFTConfig(r=0, oft_block_size=cfg.block_size, use_cayley_neumann=False, coft=False,
+        return OFTConfig(r=0, oft_block_size=cfg.oft.block_size, use_cayley_neumann=False, coft=False,
                          block_share=False, target_modules=targets, init_weights=True, bias="none")
 
     def swaps(self, layer):

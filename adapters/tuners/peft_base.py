@@ -71,7 +71,7 @@ class PeftAdapter(Adapter):
     def attach(cls, model, cfg: AdapterConfig, directions=None):
         from peft import get_peft_model
 
-        targets = hidden.resolve(model, cfg.layers, cfg.depth)
+        targets = hidden.resolve(model, cfg.targets, cfg.depth)
         for t in targets:
             cls.check_target(t, hidden.get_module(model, t), cfg)
         peft_model = get_peft_model(model, cls.peft_config(cfg, targets), adapter_name=ADAPTER_NAME)

@@ -9,7 +9,7 @@ RoAd acts on the output side, so it also rotates the Linear's bias.
 
 from __future__ import annotations
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, RoadOptions
 from .peft_base import ADAPTER_NAME, SwapAdapter, positive_power, scaled
 
 
@@ -18,13 +18,14 @@ class RoadAdapter(SwapAdapter):
     param_prefixes = ("road_",)
     quantizable = True
     exact_inverse = True
+    options = RoadOptions
     layer_class_path = ("peft.tuners.road.layer", "RoadLayer")
 
     @classmethod
     def check_target(cls, name, module, cfg: AdapterConfig):
         super().check_target(name, module, cfg)
-        if module.out_features % cfg.group_size:
-            raise ValueError(f"adapter.group_size {cfg.group_size} does not divide the output size "
+        if module.out_features % cfg.road.group_size:
+            raise ValueError(f"adapter.road.group_size {cfg.road.group_size} does not divide the output size "
                              f"{module.out_features} of {name!r} (RoAd pairs output features within "
                              f"groups); choose an even divisor of {module.out_features}")
 
@@ -32,7 +33,7 @@ class RoadAdapter(SwapAdapter):
     def peft_config(cls, cfg: AdapterConfig, targets):
         from peft import RoadConfig
 
-        return RoadConfig(variant=cfg.road_variant, group_size=cfg.group_size, target_modules=targets,
+        return RoadConfig(variant=cfg.road.variant, group_size=cfg.road.group_size, target_modules=targets,
                           init_weights=True)
 
     def swaps(self, layer):
