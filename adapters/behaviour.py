@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import BehaviourConfig, Config, DataConfig
 from .data import ContrastivePair, encode, pad_left, resource_path
 from .errors import UserError
 from .io import atomic_write_text, load_tensors, save_tensors
@@ -87,7 +87,7 @@ def neutral_lines(spec: str = "builtin") -> list[str]:
     return _read_lines(spec, "neutral_train.txt", "neutral training text")
 
 
-def _persona(behaviour_cfg, data_cfg, user: str, persona: str, system: str) -> tuple[str, str]:
+def _persona(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, user: str, persona: str, system: str) -> tuple[str, str]:
     """(user turn, system prompt) with ``persona`` placed as ``behaviour.persona`` says."""
     if behaviour_cfg.persona == "system":
         return user, behaviour_cfg.system_template.format(persona=persona)
@@ -95,7 +95,7 @@ def _persona(behaviour_cfg, data_cfg, user: str, persona: str, system: str) -> t
     return (f"{head}\n\n{user}" if user else head), system
 
 
-def prompts_for(behaviour_cfg, data_cfg, train_pairs: list[ContrastivePair], seed: int) -> list[BehaviourPrompt]:
+def prompts_for(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, train_pairs: list[ContrastivePair], seed: int) -> list[BehaviourPrompt]:
     """The run's behaviour prompts: user pairs with chosen/rejected as given, then questions and
     a seeded sample of training openings with completions to generate."""
     out: list[BehaviourPrompt] = []

@@ -7,7 +7,7 @@ merges it over them, applies ``--section.key value`` overrides and returns a ``C
 Choices are ``Literal`` types. Building a whole config reports every problem at once (unknown
 keys with the closest valid one, wrong types, out-of-range values); building one section alone
 raises on its own problems. jsonargparse was weighed for this and not used: it stops at the first
-problem and names no close key (docs/config.md).
+problem and names no close key (docs/config.md has the comparison).
 """
 
 from __future__ import annotations

@@ -121,19 +121,19 @@ def pairs_from_rows(rows: list[tuple[str, dict]], template: str, positive: str, 
     return pairs
 
 
-def load_pairs(cfg: DataConfig) -> list[ContrastivePair]:
+def load_pairs(data_cfg: DataConfig) -> list[ContrastivePair]:
     """Pairs from a DataConfig."""
-    if cfg.pairs == "builtin":
-        pairs = persona_pairs(builtin_suffixes(), cfg.template, cfg.positive, cfg.negative, cfg.system)
-    elif cfg.pairs.startswith("hf:"):
-        pairs = pairs_from_rows(_rows_from_hf(cfg.pairs[3:], cfg.hf_split), cfg.template, cfg.positive,
-                                cfg.negative, cfg.system, cfg.pairs)
+    if data_cfg.pairs == "builtin":
+        pairs = persona_pairs(builtin_suffixes(), data_cfg.template, data_cfg.positive, data_cfg.negative, data_cfg.system)
+    elif data_cfg.pairs.startswith("hf:"):
+        pairs = pairs_from_rows(_rows_from_hf(data_cfg.pairs[3:], data_cfg.hf_split), data_cfg.template, data_cfg.positive,
+                                data_cfg.negative, data_cfg.system, data_cfg.pairs)
     else:
-        path = Path(cfg.pairs)
-        pairs = pairs_from_rows(_rows_from_file(path), cfg.template, cfg.positive, cfg.negative,
-                                cfg.system, str(path))
-    if cfg.max_pairs:
-        pairs = pairs[: cfg.max_pairs]
+        path = Path(data_cfg.pairs)
+        pairs = pairs_from_rows(_rows_from_file(path), data_cfg.template, data_cfg.positive, data_cfg.negative,
+                                data_cfg.system, str(path))
+    if data_cfg.max_pairs:
+        pairs = pairs[: data_cfg.max_pairs]
     return pairs
 
 

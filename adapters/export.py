@@ -110,7 +110,7 @@ def _provenance(adapter, fingerprint: str | None, **extra) -> dict:
     import dataclasses
 
     return {"exported_by": "contrastive-adapters", "kind": adapter.kind,
-            "adapter": dataclasses.asdict(adapter.cfg), "base_fingerprint": fingerprint, **extra}
+            "adapter": dataclasses.asdict(adapter.config), "base_fingerprint": fingerprint, **extra}
 
 
 def _card(run: str | Path | None, tmp: Path, library_name: str) -> None:

@@ -44,6 +44,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import LossConfig
+
 
 def bound(p: torch.Tensor, k: float, how: str) -> torch.Tensor:
     if how == "clamp":
@@ -129,7 +131,7 @@ def nll_barrier(nll: torch.Tensor, nll_base: torch.Tensor, mask: torch.Tensor, m
 
 def contrastive_loss(h: dict[str, torch.Tensor], p_base: dict[str, torch.Tensor], nll: torch.Tensor,
                      nll_base: torch.Tensor, mask: torch.Tensor, vectors: dict[str, torch.Tensor],
-                     scale: dict[str, float], c: float, cfg) -> dict[str, torch.Tensor]:
+                     scale: dict[str, float], c: float, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """All terms at coefficient c, averaged over the loss layers; ``loss`` is the weighted sum.
     ``p_base`` holds the base model's projections per layer (see ``project``)."""
     layers = list(vectors)

@@ -29,6 +29,7 @@ from . import behaviour as bh
 from . import hidden
 from .loss import (completion_logprobs, contrastive_loss, distill_target, distill_terms, kl_barrier, masked_mean,
                    preference_terms, project, sequence_logprob, support_logprobs, token_nll)
+from .config import BehaviourConfig, LossConfig, TrainConfig
 from .models import BaseChecksum
 from .steer import steer
 
@@ -84,10 +85,10 @@ class BaseCache:
 
 
 class ContrastiveModule(L.LightningModule):
-    def __init__(self, model, adapter, directions, loss_cfg, train_cfg, checksum: BaseChecksum,
-                 start_step: int = 0, optimizer_state: dict | None = None, base_cache: dict | None = None,
-                 behaviour: list | None = None, neutral: dict | None = None, behaviour_cfg=None,
-                 pad_id: int = 0):
+    def __init__(self, model, adapter, directions, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                 checksum: BaseChecksum, start_step: int = 0, optimizer_state: dict | None = None,
+                 base_cache: dict | None = None, behaviour: list | None = None, neutral: dict | None = None,
+                 behaviour_cfg: BehaviourConfig | None = None, pad_id: int = 0):
         """``behaviour``: (y_h, y_d) teacher items per prompt, None for a prompt the steps never
         draw (``behaviour.prepare``); ``neutral``:
         the neutral passages for the KL barrier as one batch (``behaviour.neutral_batch``)."""

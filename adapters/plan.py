@@ -14,8 +14,12 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import Config
 
 REFERENCE = {
     "machine": "2-core Intel Xeon with AMX, fp32, bundled SmolLM2-135M-Instruct",
@@ -75,7 +79,7 @@ def _minutes(seconds: float) -> str:
         f"~{seconds / 60:.0f} min"
 
 
-def lines(cfg, n_pairs: int, n_prompts: int, cached_prompts: int, speed: float) -> list[str]:
+def lines(cfg: Config, n_pairs: int, n_prompts: int, cached_prompts: int, speed: float) -> list[str]:
     """One line per stage, what it does and its estimated time, then the total. ``speed`` =
     calibrate() here / the reference's; ``n_prompts`` the behaviour prompts training draws,
     ``cached_prompts`` how many of them the completions cache already holds."""

@@ -240,14 +240,14 @@ def dilemma_items(rows: list[tuple[str, dict]], values: list[str], template: str
     return items
 
 
-def probe_rows(kind: str, cfg: EvalConfig) -> dict:
+def probe_rows(kind: str, eval_cfg: EvalConfig) -> dict:
     """Read and check a probe's files (no tokenizer needed): {"rows": [...], "words": {...}}.
     Every schema problem is a ProbeError naming the file and line."""
-    n = cfg.max_items or None
+    n = eval_cfg.max_items or None
     if kind == "self_report":
-        rows = [r for _, r in _table(_builtin(cfg.self_report, "self_report.jsonl"), ("prompt", "prefix"))][:n]
-        wpath = resource_path("probes/self_report_words.json") if cfg.self_report_words == "builtin" \
-            else Path(cfg.self_report_words)
+        rows = [r for _, r in _table(_builtin(eval_cfg.self_report, "self_report.jsonl"), ("prompt", "prefix"))][:n]
+        wpath = resource_path("probes/self_report_words.json") if eval_cfg.self_report_words == "builtin" \
+            else Path(eval_cfg.self_report_words)
         try:
             words = json.loads(_read_text(wpath, "word list"))
         except (json.JSONDecodeError, RecursionError) as e:
@@ -260,26 +260,26 @@ def probe_rows(kind: str, cfg: EvalConfig) -> dict:
                              "string words")
         return {"rows": rows, "words": words, "words_path": wpath}
     if kind == "facts":
-        table = _table(_builtin(cfg.facts, "facts.jsonl"), ("prefix", "true", "false"))
+        table = _table(_builtin(eval_cfg.facts, "facts.jsonl"), ("prefix", "true", "false"))
         for where, r in table:
             if not isinstance(r.get("prompt", ""), str):
                 raise ProbeError(f"{where}: the optional 'prompt' field must be a string")
         return {"rows": [r for _, r in table][:n]}
     if kind == "yes_no":
-        table = _table(_builtin(cfg.yes_no, "yes_no.jsonl"), ("question", "honest"))
+        table = _table(_builtin(eval_cfg.yes_no, "yes_no.jsonl"), ("question", "honest"))
         for where, r in table:
             if r["honest"] not in ("Yes", "No"):
                 raise ProbeError(f"{where}: 'honest' must be Yes or No, got {r['honest']!r}")
         return {"rows": [r for _, r in table][:n]}
     if kind == "daily_dilemmas":
-        source, rows = dilemma_source(cfg.daily_dilemmas)
-        return {"rows": dilemma_items(rows, cfg.dilemma_values, cfg.dilemma_template, source)[:n]}
+        source, rows = dilemma_source(eval_cfg.daily_dilemmas)
+        return {"rows": dilemma_items(rows, eval_cfg.dilemma_values, eval_cfg.dilemma_template, source)[:n]}
     raise ProbeError(f"unknown probe kind {kind!r}; valid: {', '.join(PROBE_KINDS)}")
 
 
-def load_probe(kind: str, cfg: EvalConfig, tokenizer) -> Probe | ContinuationProbe:
+def load_probe(kind: str, eval_cfg: EvalConfig, tokenizer) -> Probe | ContinuationProbe:
     """The probe set of ``kind``, tokenised once: its type says how it is scored."""
-    got = probe_rows(kind, cfg)
+    got = probe_rows(kind, eval_cfg)
     rows = got["rows"]
     if kind == "self_report":
         words, wpath = got["words"], got["words_path"]

@@ -156,7 +156,7 @@ def save_adapter(folder: str | Path, adapter, fingerprint: str) -> Path:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise RunError(f"the adapter has non-finite values in {bad[:3]}; it is not saved")
-    meta = {"kind": adapter.kind, "adapter": dataclasses.asdict(adapter.cfg), "fingerprint": fingerprint,
+    meta = {"kind": adapter.kind, "adapter": dataclasses.asdict(adapter.config), "fingerprint": fingerprint,
             "base_weights": base_weights(adapter.model), "sha256": tensors_digest(tensors)}
     save_tensors(path, tensors, meta)
     return path
@@ -190,12 +190,12 @@ def load_adapter(model, path: str | Path, directions=None):
                        "config, embeddings and norms match (a fine-tune of the same model?); load it onto "
                        "the exact base model named in its run's config.yaml")
     try:
-        cfg = adapter_from_saved(meta["adapter"])
+        adapter_cfg = adapter_from_saved(meta["adapter"])
     except Exception as e:  # a header edited by hand: missing, unknown or invalid adapter settings
         raise RunError(f"{path}: the adapter settings in its header are damaged ({e})") from None
     # the saved tensors replace whatever attach initialises, so loading never needs the
     # directions (an additive adapter trained with init=directions is attached with zeros)
-    model, adapter = attach(model, dataclasses.replace(cfg, additive=AdditiveOptions("zeros")), directions)
-    adapter.cfg = cfg
+    model, adapter = attach(model, dataclasses.replace(adapter_cfg, additive=AdditiveOptions("zeros")), directions)
+    adapter.config = adapter_cfg
     adapter.load_state_tensors(tensors)
     return model, adapter

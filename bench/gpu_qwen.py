@@ -34,32 +34,35 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return
+    import dataclasses
+
     from adapters import data, directions as dirs
     from adapters.config import load_config
-    from adapters.models import BaseChecksum, ModelLoadError, base_fingerprint, load_base
     from adapters.module import ContrastiveModule
+    from adapters.pipeline import Refused, base
     from adapters.tuners import attach
 
     cfg = load_config(ROOT / "configs" / "models" / "qwen3-0.6b.yaml")
     cfg.loss = load_config(ROOT / "configs" / "recipes" / "reprpo.yaml").loss  # the ReprPO step (bench/common.py)
-    pairs = data.load_pairs(cfg.data)
     print(f"{torch.cuda.get_device_name()}; {args.model}, LoRA r={cfg.adapter.lora.r}, {args.batch} pairs per step")
     print("| base | tokens/s | s/step | peak GPU memory |")
     print("|---|---:|---:|---:|")
     for quant in ("4bit", "none"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        model_cfg = dataclasses.replace(cfg.model, name=args.model, dtype="bfloat16", device="cuda", quantization=quant)
         try:
-            model, tok = load_base(args.model, "bfloat16", "cuda", quant)
-        except ModelLoadError as e:
+            run = base(dataclasses.replace(cfg, model=model_cfg))
+        except Refused as e:
             print(f"skipped: {e}")
             return
-        d = dirs.compute(model, tok, pairs[:48], pairs[48:64], cfg.directions, cfg.data.max_length,
-                         base_fingerprint(model))
+        model, tok, pairs = run.model, run.tokenizer, run.train_pairs
+        d = dirs.compute(model, tok, pairs[:48], run.val_pairs[:16], cfg.directions, cfg.data.max_length,
+                         run.fingerprint)
         model, adapter = attach(model, cfg.adapter, d)
-        system = ContrastiveModule(model, adapter, d, cfg.loss, cfg.train, BaseChecksum(model)).cuda()
+        system = ContrastiveModule(model, adapter, d, cfg.loss, cfg.train, run.checksum).cuda()
         opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-5)
-        enc = data.encode_pairs(tok, pairs[64:64 + args.batch], cfg.data.max_length)
+        enc = data.encode_pairs(tok, pairs[48:48 + args.batch], cfg.data.max_length)
         batch = {k: v.cuda() for k, v in data.PairCollator(tok.pad_token_id)(enc).items()}
         times = []
         for i in range(args.steps + 1):  # the first step fills the base cache: not timed
@@ -74,7 +77,7 @@ def main() -> None:
         step = statistics.median(times)
         tokens = 2 * batch["input_ids"].numel()  # [batch; batch] at c = +1 and -1
         print(f"| {quant} | {tokens / step:,.0f} | {step:.3f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")
-        del system, model, adapter, opt
+        del system, model, adapter, opt, run
 
 
 if __name__ == "__main__":

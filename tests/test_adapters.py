@@ -365,7 +365,7 @@ def test_additive_init_from_directions_saves_and_loads(tiny, tiny_dir, tiny_dire
     path = save_adapter(tmp_path, adapter, d.fingerprint)
     fresh, _ = load_base(tiny_dir, dtype="float32", device="cpu")
     fresh, loaded = load_adapter(fresh, path)  # no directions needed to load
-    assert loaded.cfg.additive.init == "directions"
+    assert loaded.config.additive.init == "directions"
     with steer(fresh, 1.0):
         assert torch.equal(logits(fresh, batch), want)
 

@@ -268,7 +268,7 @@ def test_a_run_saved_with_the_flat_adapter_section_still_loads(lora_run, tmp_pat
 
     assert load_config(old / "config.yaml") == load_config(run_dir / "config.yaml")
     new_run, old_run = pipeline.load(run_dir, device="cpu"), pipeline.load(old, device="cpu")
-    assert old_run.adapter.cfg == new_run.adapter.cfg
+    assert old_run.adapter.config == new_run.adapter.config
     assert all(torch.equal(t, new_run.adapter.state_tensors()[k]) for k, t in old_run.adapter.state_tensors().items())
 
 

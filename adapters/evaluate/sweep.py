@@ -94,18 +94,18 @@ def _crossing(a1: float, d1: float, a2: float, d2: float, budget: float) -> floa
 
 
 def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: dict[float, float], base_nll: float,
-                  cfg) -> dict[float, float]:
+                  eval_cfg: EvalConfig) -> dict[float, float]:
     """Coefficients beyond the grid that locate, in each direction, where neutral ΔNLL crosses
-    ``cfg.shift_budget``, with at most ``cfg.shift_search`` evaluations per direction. ΔNLL is
+    ``eval_cfg.shift_budget``, with at most ``eval_cfg.shift_search`` evaluations per direction. ΔNLL is
     modelled as k·|c|^e through the two points nearest the crossing: past the grid's end the model
-    extrapolates (at least 1.25x, at most 4x the last |c| and ``cfg.shift_reach`` x the grid's
+    extrapolates (at least 1.25x, at most 4x the last |c| and ``eval_cfg.shift_reach`` x the grid's
     largest |c|; doubling where it cannot be fitted); inside a bracket it interpolates (kept off
     the bracket's ends; through the two nearest outside points, or with e = 2, when the inside one
     is c = 0),
     until the bracket is within 2% of |c|. Where the outputs are not finite, ΔNLL is inf: past the
     budget, and the bracket up to it is halved. Returns {coefficient: ΔNLL} for the new coefficients."""
-    budget, bs = cfg.shift_budget, max(1, cfg.batch_size // 4)
-    reach = cfg.shift_reach * max(abs(c) for c in grid_dnll)
+    budget, bs = eval_cfg.shift_budget, max(1, eval_cfg.batch_size // 4)
+    reach = eval_cfg.shift_reach * max(abs(c) for c in grid_dnll)
     found: dict[float, float] = {}
 
     for sign in (1.0, -1.0):
@@ -119,7 +119,7 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
                 outs = [(a, d)]
                 break
             known.append((a, d))
-        for _ in range(cfg.shift_search):
+        for _ in range(eval_cfg.shift_search):
             (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
             if not outs:
                 if a1 >= reach:
@@ -148,24 +148,24 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
-def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], cfg: EvalConfig, log=log.info) -> Report:
-    neutral = neutral_texts(cfg.neutral, cfg.neutral_items)
+def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], eval_cfg: EvalConfig, log=log.info) -> Report:
+    neutral = neutral_texts(eval_cfg.neutral, eval_cfg.neutral_items)
     report = Report()
     for m in progress(methods, "evaluation", unit="method"):
         try:
-            ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, cfg.batch_size)
+            ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, eval_cfg.batch_size)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{m.name}: {e}; sweep smaller coefficients (eval.coeffs)") from None
         coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
         base_nll = float(nlls[i0])
         found = {}
-        if m.scalable and cfg.shift_search > 0:
+        if m.scalable and eval_cfg.shift_search > 0:
             found = budget_search(model, tokenizer, m, neutral, {c: float(n) - base_nll for c, n in zip(coeffs, nlls)},
-                                  base_nll, cfg)
+                                  base_nll, eval_cfg)
         extra = [c for c, d in found.items() if math.isfinite(d)]  # not where the model broke
         if extra:  # the probes at the search's coefficients (their ΔNLL is known)
             ys2, masses2, _ = score_method(model, tokenizer, dataclasses.replace(m, coeffs=extra), probes, None,
-                                           cfg.batch_size)
+                                           eval_cfg.batch_size)
             ys = {k: np.concatenate([ys[k], ys2[k]]) for k in ys}
             masses = {k: np.concatenate([masses[k], masses2[k]]) for k in masses}
             nlls = np.concatenate([nlls, [base_nll + found[c] for c in extra]])
@@ -176,10 +176,10 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
             means, valid, dn = [], [], []
             for j, c in enumerate(all_coeffs):
                 y = y_all[j]
-                lo, hi = bootstrap_ci(y, cfg.n_boot)
+                lo, hi = bootstrap_ci(y, eval_cfg.n_boot)
                 ratio = float(mass_all[j].mean()) / base_mass if base_mass > 0 else math.nan
                 dnll = float(nlls[j]) - base_nll
-                ok = bool(ratio >= cfg.mass_ratio and dnll <= cfg.max_dnll)
+                ok = bool(ratio >= eval_cfg.mass_ratio and dnll <= eval_cfg.max_dnll)
                 report.rows.append({"method": m.name, "probe": p.kind, "coeff": float(c), "mean_y": float(y.mean()),
                                     "ci_low": lo, "ci_high": hi, "honest_rate": float((y > 0).mean()),
                                     "mass": float(mass_all[j].mean()), "mass_ratio": ratio, "dnll": dnll,
@@ -187,12 +187,12 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
                 means.append(float(y.mean()))
                 valid.append(ok)
                 dn.append(dnll)
-            s = summarize(coeffs, means[:n_grid], valid[:n_grid], y_all[i0], dn[:n_grid], cfg.fit_range,
-                          cfg.shift_budget)
-            s.update(shift_within(all_coeffs, means, dn, cfg.shift_budget))
+            s = summarize(coeffs, means[:n_grid], valid[:n_grid], y_all[i0], dn[:n_grid], eval_cfg.fit_range,
+                          eval_cfg.shift_budget)
+            s.update(shift_within(all_coeffs, means, dn, eval_cfg.shift_budget))
             report.summary.append({"method": m.name, "probe": p.kind, **s})
             log(f"  {m.name:>16} {p.kind:<11} slope {s['slope']:+.2f} r2 {s['r2']:.2f} "
-                f"valid {s['valid_frac']:.2f} score {s['score']:.2f} shift@{cfg.shift_budget:g} "
+                f"valid {s['valid_frac']:.2f} score {s['score']:.2f} shift@{eval_cfg.shift_budget:g} "
                 f"+{s['shift_up']:.2f} (c {s['c_up']:+.3g}) / -{s['shift_down']:.2f} (c {s['c_down']:+.3g})")
     signal_notes(report)
     return report

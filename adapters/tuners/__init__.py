@@ -42,18 +42,18 @@ def is_adapter_name(name: str) -> bool:
     return any(part.startswith(_PREFIXES) for part in name.split("."))
 
 
-def attach(model, cfg: AdapterConfig, directions=None):
-    """Attach an adapter of kind ``cfg.kind``; returns (model to call, adapter).
+def attach(model, adapter_cfg: AdapterConfig, directions=None):
+    """Attach an adapter of kind ``adapter_cfg.kind``; returns (model to call, adapter).
 
     On a bitsandbytes base, peft's RoAd layers get their output dtype fixed."""
     from .. import hidden
 
     try:
-        cls = KINDS[cfg.kind]
+        cls = KINDS[adapter_cfg.kind]
     except KeyError:
-        raise ValueError(f"unknown adapter kind {cfg.kind!r}; valid kinds: {sorted(KINDS)}") from None
-    model, adapter = cls.attach(model, cfg, directions)
-    if getattr(hidden.base_model_of(model), "is_quantized", False) and cfg.kind == "road":
+        raise ValueError(f"unknown adapter kind {adapter_cfg.kind!r}; valid kinds: {sorted(KINDS)}") from None
+    model, adapter = cls.attach(model, adapter_cfg, directions)
+    if getattr(hidden.base_model_of(model), "is_quantized", False) and adapter_cfg.kind == "road":
         for layer in adapter.tuner_layers().values():
             layer.register_forward_hook(_output_in_input_dtype)
     return model, adapter

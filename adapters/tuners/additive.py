@@ -23,18 +23,18 @@ class AdditiveAdapter(Adapter):
     exact_inverse = True
     per_example = True
 
-    def __init__(self, model, cfg: AdapterConfig, targets: list[str], dim: int):
-        super().__init__(model, cfg)
+    def __init__(self, model, adapter_cfg: AdapterConfig, targets: list[str], dim: int):
+        super().__init__(model, adapter_cfg)
         self.targets = list(targets)
         self.additive_vectors = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.zeros(dim, dtype=torch.float32)) for n in self.targets})
 
     @classmethod
-    def attach(cls, model, cfg: AdapterConfig, directions=None):
-        layers = hidden.resolve(model, cfg.targets, cfg.depth)
+    def attach(cls, model, adapter_cfg: AdapterConfig, directions=None):
+        layers = hidden.resolve(model, adapter_cfg.targets, adapter_cfg.depth)
         dim = hidden.output_dim(model, layers[0])
-        adapter = cls(model, cfg, layers, dim).to(next(model.parameters()).device)
-        if cfg.additive.init == "directions":
+        adapter = cls(model, adapter_cfg, layers, dim).to(next(model.parameters()).device)
+        if adapter_cfg.additive.init == "directions":
             if directions is None:
                 raise ValueError("adapter.additive.init=directions needs reference directions")
             adapter.init_from(directions)

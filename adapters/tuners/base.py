@@ -70,10 +70,10 @@ class Adapter(nn.Module, abc.ABC):
     exact_inverse: bool = False
     """Whether, with its default options, merging at -c undoes merging at +c exactly."""
 
-    def __init__(self, model: nn.Module, cfg: AdapterConfig):
+    def __init__(self, model: nn.Module, adapter_cfg: AdapterConfig):
         super().__init__()
         self.__dict__["model"] = model  # a reference, not a submodule: base params stay out
-        self.cfg = cfg
+        self.config = adapter_cfg
         self._init_scope()
 
     def _init_scope(self) -> None:
@@ -174,7 +174,7 @@ class Adapter(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def attach(cls, model: nn.Module, cfg: AdapterConfig, directions=None) -> tuple[nn.Module, "Adapter"]:
+    def attach(cls, model: nn.Module, adapter_cfg: AdapterConfig, directions=None) -> tuple[nn.Module, "Adapter"]:
         """Attach to ``model``; return (the model to call, the adapter)."""
 
     @abc.abstractmethod

@@ -33,33 +33,33 @@ class EtherAdapter(Adapter):
     options = EtherOptions
     per_example = True
 
-    def __init__(self, model, cfg: AdapterConfig, targets: list[str], dims: list[int]):
-        super().__init__(model, cfg)
+    def __init__(self, model, adapter_cfg: AdapterConfig, targets: list[str], dims: list[int]):
+        super().__init__(model, adapter_cfg)
         self.targets = list(targets)
-        n = cfg.ether.n_blocks
+        n = adapter_cfg.ether.n_blocks
         us = {_key(t): torch.randn(n, d // n) / (d // n) ** 0.5 for t, d in zip(targets, dims)}
         self.ether_u = nn.ParameterDict({k: nn.Parameter(u.clone()) for k, u in us.items()})
         self.ether_v = nn.ParameterDict({k: nn.Parameter(-u) for k, u in us.items()})
 
     @classmethod
-    def attach(cls, model, cfg: AdapterConfig, directions=None):
-        targets = hidden.resolve(model, cfg.targets, cfg.depth)
+    def attach(cls, model, adapter_cfg: AdapterConfig, directions=None):
+        targets = hidden.resolve(model, adapter_cfg.targets, adapter_cfg.depth)
         dims = []
         for t in targets:
             mod = hidden.get_module(model, t)
             if not isinstance(mod, nn.Linear):
                 raise ValueError(f"adapter kind 'ether' needs Linear modules; {t!r} is a {type(mod).__name__}. "
                                  "Use patterns such as model.layers.{N}.mlp.down_proj")
-            d = mod.in_features if cfg.ether.side == "in" else mod.out_features
-            if d % cfg.ether.n_blocks:
-                raise ValueError(f"adapter.ether.n_blocks {cfg.ether.n_blocks} does not divide the {cfg.ether.side}put "
+            d = mod.in_features if adapter_cfg.ether.side == "in" else mod.out_features
+            if d % adapter_cfg.ether.n_blocks:
+                raise ValueError(f"adapter.ether.n_blocks {adapter_cfg.ether.n_blocks} does not divide the {adapter_cfg.ether.side}put "
                                  f"size {d} "
                                  f"of {t!r}; choose a divisor of {d}")
             dims.append(d)
         param = next(model.parameters())
-        adapter = cls(model, cfg, targets, dims).to(param.device)
+        adapter = cls(model, adapter_cfg, targets, dims).to(param.device)
         adapter.bind(model)
-        adapter.edit_modules(targets, "input" if cfg.ether.side == "in" else "output")
+        adapter.edit_modules(targets, "input" if adapter_cfg.ether.side == "in" else "output")
         return model, adapter
 
     def trainable_parameters(self):
@@ -91,7 +91,7 @@ class EtherAdapter(Adapter):
     def edit(self, module: nn.Module, name: str, y: torch.Tensor, c) -> torch.Tensor:
         """``H(c)`` on the module's input x, or on its output ``W x`` (the bias kept outside)."""
         bias = module.bias
-        if self.cfg.ether.side == "out" and bias is not None:  # H(c)·(W x) + b
+        if self.config.ether.side == "out" and bias is not None:  # H(c)·(W x) + b
             return self.reflect(name, y - bias, c) + bias
         return self.reflect(name, y, c)
 
@@ -107,4 +107,4 @@ class EtherAdapter(Adapter):
             lin = hidden.get_module(target, t)
             H = self.matrix(t, c).to(lin.weight.device)  # symmetric
             w = lin.weight.data.float()
-            lin.weight.data.copy_((H @ w if self.cfg.ether.side == "out" else w @ H).to(lin.weight.dtype))
+            lin.weight.data.copy_((H @ w if self.config.ether.side == "out" else w @ H).to(lin.weight.dtype))

@@ -27,10 +27,10 @@ class LoraAdapter(PeftAdapter):
     layer_class_path = ("peft.tuners.lora", "LoraLayer")
 
     @classmethod
-    def peft_config(cls, cfg: AdapterConfig, targets):
+    def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import LoraConfig
 
-        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        return LoraConfig(r=adapter_cfg.lora.r, lora_alpha=adapter_cfg.lora.alpha, lora_dropout=adapter_cfg.lora.dropout,
                           target_modules=targets, init_lora_weights=True, bias="none")
 
     def lora_layers(self):

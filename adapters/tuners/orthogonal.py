@@ -33,9 +33,9 @@ class _BlockRotation(SwapAdapter):
     """Shared by BOFT and OFT: blocks of ``adapter.<kind>.block_size`` must tile each input."""
 
     @classmethod
-    def check_target(cls, name, module, cfg: AdapterConfig):
-        super().check_target(name, module, cfg)
-        block = getattr(cfg, cls.kind).block_size
+    def check_target(cls, name, module, adapter_cfg: AdapterConfig):
+        super().check_target(name, module, adapter_cfg)
+        block = getattr(adapter_cfg, cls.kind).block_size
         if module.in_features % block:
             raise ValueError(f"adapter.{cls.kind}.block_size {block} does not divide the input size "
                              f"{module.in_features} of {name!r} ({cls.kind} rotates blocks of the input); "
@@ -50,12 +50,12 @@ class BoftAdapter(_BlockRotation):
     layer_class_path = ("peft.tuners.boft.layer", "BOFTLayer")
 
     @classmethod
-    def peft_config(cls, cfg: AdapterConfig, targets):
+    def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import BOFTConfig
 
         _skip_boft_cuda_build()
-        return BOFTConfig(boft_block_size=cfg.boft.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
-                          boft_dropout=cfg.boft.dropout, target_modules=targets, init_weights=True, bias="none")
+        return BOFTConfig(boft_block_size=adapter_cfg.boft.block_size, boft_block_num=0, boft_n_butterfly_factor=1,
+                          boft_dropout=adapter_cfg.boft.dropout, target_modules=targets, init_weights=True, bias="none")
 
     def swaps(self, layer):
         return [(layer.boft_R, ADAPTER_NAME, scaled),
@@ -71,10 +71,10 @@ class OftAdapter(_BlockRotation):
     layer_class_path = ("peft.tuners.oft.layer", "OFTLayer")
 
     @classmethod
-    def peft_config(cls, cfg: AdapterConfig, targets):
+    def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import OFTConfig
 
-        return OFTConfig(r=0, oft_block_size=cfg.oft.block_size, use_cayley_neumann=False, coft=False,
+        return OFTConfig(r=0, oft_block_size=adapter_cfg.oft.block_size, use_cayley_neumann=False, coft=False,
                          block_share=False, target_modules=targets, init_weights=True, bias="none")
 
     def swaps(self, layer):

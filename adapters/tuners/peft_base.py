@@ -56,11 +56,11 @@ class PeftAdapter(Adapter):
 
     @classmethod
     @abc.abstractmethod
-    def peft_config(cls, cfg: AdapterConfig, targets: list[str]):
+    def peft_config(cls, adapter_cfg: AdapterConfig, targets: list[str]):
         """The peft config that adds this kind to ``targets``."""
 
     @classmethod
-    def check_target(cls, name: str, module: nn.Module, cfg: AdapterConfig) -> None:
+    def check_target(cls, name: str, module: nn.Module, adapter_cfg: AdapterConfig) -> None:
         """Raise ValueError (naming the module and the fix) if this kind cannot adapt it."""
         if not isinstance(module, nn.Linear):
             raise ValueError(f"adapter kind {cls.kind!r} needs Linear modules; {name!r} is a "
@@ -68,16 +68,16 @@ class PeftAdapter(Adapter):
                              "model.layers.{N}.self_attn.o_proj or model.layers.{N}.mlp.down_proj")
 
     @classmethod
-    def attach(cls, model, cfg: AdapterConfig, directions=None):
+    def attach(cls, model, adapter_cfg: AdapterConfig, directions=None):
         from peft import get_peft_model
 
-        targets = hidden.resolve(model, cfg.targets, cfg.depth)
+        targets = hidden.resolve(model, adapter_cfg.targets, adapter_cfg.depth)
         for t in targets:
-            cls.check_target(t, hidden.get_module(model, t), cfg)
-        peft_model = get_peft_model(model, cls.peft_config(cfg, targets), adapter_name=ADAPTER_NAME)
+            cls.check_target(t, hidden.get_module(model, t), adapter_cfg)
+        peft_model = get_peft_model(model, cls.peft_config(adapter_cfg, targets), adapter_name=ADAPTER_NAME)
         for n, p in peft_model.named_parameters():
             p.requires_grad_(cls._is_own(n))
-        adapter = cls(peft_model, cfg)
+        adapter = cls(peft_model, adapter_cfg)
         adapter.targets = targets
         adapter.bind(peft_model)
         adapter._set_enabled(False)

@@ -22,18 +22,18 @@ class RoadAdapter(SwapAdapter):
     layer_class_path = ("peft.tuners.road.layer", "RoadLayer")
 
     @classmethod
-    def check_target(cls, name, module, cfg: AdapterConfig):
-        super().check_target(name, module, cfg)
-        if module.out_features % cfg.road.group_size:
-            raise ValueError(f"adapter.road.group_size {cfg.road.group_size} does not divide the output size "
+    def check_target(cls, name, module, adapter_cfg: AdapterConfig):
+        super().check_target(name, module, adapter_cfg)
+        if module.out_features % adapter_cfg.road.group_size:
+            raise ValueError(f"adapter.road.group_size {adapter_cfg.road.group_size} does not divide the output size "
                              f"{module.out_features} of {name!r} (RoAd pairs output features within "
                              f"groups); choose an even divisor of {module.out_features}")
 
     @classmethod
-    def peft_config(cls, cfg: AdapterConfig, targets):
+    def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import RoadConfig
 
-        return RoadConfig(variant=cfg.road.variant, group_size=cfg.road.group_size, target_modules=targets,
+        return RoadConfig(variant=adapter_cfg.road.variant, group_size=adapter_cfg.road.group_size, target_modules=targets,
                           init_weights=True)
 
     def swaps(self, layer):
