@@ -329,7 +329,7 @@ class AdditiveOptions(_Section):
     section = "adapter.additive"
 
     init: Literal["zeros", "directions"] = "zeros"
-    """zeros | directions (start from the reference direction, scale s_l)."""
+    """directions: start from the reference direction times its scale s_l."""
 
 
 @dataclass
@@ -374,16 +374,22 @@ def adapter_from_saved(data: dict) -> AdapterConfig:
 
 
 def upgrade_adapter(data: dict) -> dict:
-    """A saved adapter section with the flat keys moved to their places (MOVED_ADAPTER_KEYS)."""
-    data = dict(data)
+    """A saved adapter section with the flat keys moved to their places (MOVED_ADAPTER_KEYS); a
+    key already in its place is kept, and the caller's mappings are left as they were."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"adapter: expected a mapping, got {type(data).__name__}")
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for old, new in MOVED_ADAPTER_KEYS.items():
         if old not in data:
             continue
         value = data.pop(old)
         for path in (new,) if isinstance(new, str) else new:
             *section, key = path.split(".")
-            node = data.setdefault(section[0], {}) if section else data
-            node[key] = value
+            if section and data.get(section[0]) is None:
+                data[section[0]] = {}
+            node = data[section[0]] if section else data
+            if isinstance(node, dict):  # else the section's own problem is reported when it is built
+                node.setdefault(key, value)
     return data
 
 
@@ -411,7 +417,7 @@ class LossConfig(_Section):
     """k: each pair's projection (in units of the reference separation s_l) is bounded to [-k, k]
     (target clamp)."""
     bound: Literal["clamp", "tanh"] = "clamp"
-    """clamp | tanh (k·tanh(p/k), smooth)."""
+    """tanh: k·tanh(p/k), a smooth clamp."""
     aggregate: Literal["pair", "token"] = "pair"
     """pair: bound the mean over a pair's suffix tokens | token: bound each token, then mean."""
     nll_weight: float = 10.0
@@ -800,7 +806,8 @@ def _unknown_key(key: str, valid: list[str], where: str) -> str:
     moved = MOVED_ADAPTER_KEYS.get(key) if where == "adapter." else None
     if moved:
         places = " and ".join(f"adapter.{m}" for m in ((moved,) if isinstance(moved, str) else moved))
-        return f"config key adapter.{key} is now {places} (each adapter kind has its own options)"
+        why = "" if key == "layers" else " (each adapter kind has its own options)"
+        return f"config key adapter.{key} is now {places}{why}"
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown config key {where}{key!r}{hint} (valid: {', '.join(sorted(valid))})"
@@ -820,7 +827,13 @@ def _build(cls, data: dict, where: str, problems: list[str]):
         if key not in names:
             problems.append(_unknown_key(str(key), names, where))
         elif dataclasses.is_dataclass(hints[key]):
-            section = _build(hints[key], value or {}, f"{where}{key}.", problems)
+            if isinstance(value, str):  # a section given on the command line: `--adapter.lora '{r: 4}'`
+                try:
+                    value = strict_yaml(value)
+                except yaml.YAMLError as e:
+                    problems.append(f"{where}{key}: not valid YAML ({str(e).splitlines()[0]})")
+                    continue
+            section = _build(hints[key], {} if value is None else value, f"{where}{key}.", problems)
             failed |= section is None
             if section is not None:
                 kwargs[key] = section

@@ -131,18 +131,19 @@ def nll_barrier(nll: torch.Tensor, nll_base: torch.Tensor, mask: torch.Tensor, m
 
 def contrastive_loss(h: dict[str, torch.Tensor], p_base: dict[str, torch.Tensor], nll: torch.Tensor,
                      nll_base: torch.Tensor, mask: torch.Tensor, vectors: dict[str, torch.Tensor],
-                     scale: dict[str, float], c: float, cfg: LossConfig) -> dict[str, torch.Tensor]:
+                     scale: dict[str, float], c: float, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
     """All terms at coefficient c, averaged over the loss layers; ``loss`` is the weighted sum.
     ``p_base`` holds the base model's projections per layer (see ``project``)."""
     layers = list(vectors)
-    per = [projection_terms(h[layer], p_base[layer], vectors[layer], scale[layer], mask, c, cfg.clamp, cfg.bound,
-                            cfg.aggregate, cfg.target, cfg.kappa) for layer in layers]
+    per = [projection_terms(h[layer], p_base[layer], vectors[layer], scale[layer], mask, c, loss_cfg.clamp,
+                            loss_cfg.bound, loss_cfg.aggregate, loss_cfg.target, loss_cfg.kappa) for layer in layers]
     out = {key: torch.stack([p[key] for p in per]).mean() for key in per[0]}
     for layer, p in zip(layers, per):
         out[f"proj_contrast/{layer}"] = p["proj_contrast"]
         out[f"proj_shift/{layer}"] = p["proj_shift"]
-    out.update(nll_barrier(nll, nll_base, mask, cfg.nll_margin, cfg.nll_power))
-    out["loss"] = cfg.w_contrast * out["contrast"] + cfg.w_shift * out["shift"] + cfg.nll_weight * out["nll_barrier"]
+    out.update(nll_barrier(nll, nll_base, mask, loss_cfg.nll_margin, loss_cfg.nll_power))
+    out["loss"] = (loss_cfg.w_contrast * out["contrast"] + loss_cfg.w_shift * out["shift"]
+                   + loss_cfg.nll_weight * out["nll_barrier"])
     return out
 
 

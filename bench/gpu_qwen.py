@@ -52,8 +52,12 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         model_cfg = dataclasses.replace(cfg.model, name=args.model, dtype="bfloat16", device="cuda", quantization=quant)
         try:
-            run = base(dataclasses.replace(cfg, model=model_cfg))
+            # base() sets torch's CPU threads to train.threads: keep the machine's own number here
+            run = base(dataclasses.replace(cfg, model=model_cfg,
+                                           train=dataclasses.replace(cfg.train, threads=torch.get_num_threads())))
         except Refused as e:
+            if not str(e).startswith("model error"):
+                raise
             print(f"skipped: {e}")
             return
         model, tok, pairs = run.model, run.tokenizer, run.train_pairs

@@ -17,7 +17,7 @@ from conftest import tiny_config
 def run_train(cfg: dict, tmp_path, *extra):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(pipeline.Refused) as err:
         pipeline.main(["--config", str(path), *extra])
     assert err.value.code == 2, (err.value.code, str(err.value))
     return str(err.value)

@@ -164,6 +164,43 @@ def test_every_problem_is_reported_at_once():
         assert part in msg, part
 
 
+def test_each_kind_has_its_options_section():
+    """adapter.<kind> holds the kind's options: as keys, as a whole section on the command line, in a
+    file; a key of the former flat section names where it went."""
+    from adapters.config import LoraOptions
+
+    assert load_config(None, parse_overrides(["--adapter.lora.r", "16"])).adapter.lora == LoraOptions(r=16)
+    assert load_config(None, parse_overrides(["--adapter.lora", "{r: 4, alpha: 2}"])).adapter.lora == \
+        LoraOptions(r=4, alpha=2.0)
+    assert load_config(None, [("adapter.road", "{variant: road_2}")]).adapter.road.variant == "road_2"
+    cfg = config_from_dict({"adapter": {"kind": "ether", "ether": {"side": "out"}}})
+    assert cfg.adapter.options is cfg.adapter.ether and cfg.adapter.ether.side == "out"
+    with pytest.raises(ConfigError, match=r"adapter.block_size is now adapter.boft.block_size and adapter.oft.block_size"):
+        config_from_dict({"adapter": {"block_size": 16}})
+    with pytest.raises(ConfigError, match=r"adapter.lora: expected a mapping, got int"):
+        config_from_dict({"adapter": {"lora": 0}})
+
+
+def test_a_saved_flat_adapter_section_moves_every_key_to_its_place():
+    from adapters.config import adapter_from_saved, upgrade_adapter
+
+    flat = {"kind": "boft", "layers": ["model.layers.{N}.mlp.down_proj"], "depth": [0.5, 1.0], "r": 4, "alpha": 2.0,
+            "dropout": 0.25, "init": "directions", "block_size": 16, "group_size": 8, "road_variant": "road_2",
+            "n_blocks": 2, "side": "out"}
+    got = adapter_from_saved(flat)
+    assert got.kind == "boft" and got.targets == ["model.layers.{N}.mlp.down_proj"] and got.depth == [0.5, 1.0]
+    assert (got.lora.r, got.lora.alpha, got.lora.dropout) == (4, 2.0, 0.25)
+    assert (got.boft.block_size, got.boft.dropout, got.oft.block_size) == (16, 0.25, 16)
+    assert (got.road.group_size, got.road.variant) == (8, "road_2")
+    assert (got.ether.n_blocks, got.ether.side, got.additive.init) == (2, "out", "directions")
+    assert adapter_from_saved(dataclasses.asdict(got)) == got  # the new layout reads back as it is
+    nested = {"lora": {"r": 2}}
+    assert upgrade_adapter({"r": 4, **nested})["lora"] == {"r": 2} and nested == {"lora": {"r": 2}}
+    assert adapter_from_saved({"lora": None, "r": 4}).lora.r == 4
+    with pytest.raises(ConfigError, match="adapter: expected a mapping, got list"):
+        adapter_from_saved([1])
+
+
 def test_yaml_aliases_and_duplicate_keys_are_refused(tmp_path):
     bomb = tmp_path / "bomb.yaml"  # 9^8 elements if expanded; refused before any expansion
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']

@@ -86,7 +86,7 @@ def test_export_never_deletes_what_it_did_not_write(run, tmp_path, capsys, monke
 def test_training_into_a_finished_run_is_refused_unless_overwrite(run, tiny_dir, capsys):
     cfg_path = write_cfg(tiny_dir, run.parents[1])  # the same runs_dir and log.name as the fixture's
     before = snapshot(run)
-    with pytest.raises(SystemExit, match="already holds a run .*--resume.*--overwrite"):
+    with pytest.raises(pipeline.Refused, match="already holds a run .*--resume.*--overwrite"):
         pipeline.main(["--config", str(cfg_path)])
     assert snapshot(run) == before
 
@@ -98,7 +98,7 @@ def test_training_into_a_finished_run_is_refused_unless_overwrite(run, tiny_dir,
     assert not (run / "report.md").exists()  # the old report no longer describes a different adapter
     assert (run / "adapter.safetensors").is_file()
     assert "steps: 1" in (run / "config.yaml").read_text()
-    with pytest.raises(SystemExit, match="drop --config, --overwrite"):
+    with pytest.raises(pipeline.Refused, match="drop --config, --overwrite"):
         pipeline.main(["--resume", str(run), "--overwrite"])
 
 
@@ -111,7 +111,7 @@ def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_pat
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(SystemExit, match=f"in use by another process \\(pid {holder.pid}"):
+        with pytest.raises(pipeline.Refused, match=f"in use by another process \\(pid {holder.pid}"):
             pipeline.main(["--config", str(cfg_path)])
         assert not folder.exists()  # the refused start wrote nothing
     finally:
@@ -125,14 +125,14 @@ def test_a_second_process_on_the_same_run_folder_fails_at_once(tiny_dir, tmp_pat
 
 def test_run_names_stay_inside_runs_dir(tmp_path):
     for bad in ("../elsewhere", "/tmp/abs", "..", ".hidden"):
-        with pytest.raises(SystemExit, match="plain folder name"):
+        with pytest.raises(pipeline.Refused, match="plain folder name"):
             pipeline.main(["--log.name", bad, "--log.runs_dir", str(tmp_path)])
 
 
 def test_a_runs_dir_that_is_a_file_is_a_clear_error(tiny_dir, tmp_path):
     cfg_path = write_cfg(tiny_dir, tmp_path, "x")
     (tmp_path / "afile").write_text("")
-    with pytest.raises(SystemExit, match="log.runs_dir must be a writable folder"):
+    with pytest.raises(pipeline.Refused, match="log.runs_dir must be a writable folder"):
         pipeline.main(["--config", str(cfg_path), "--log.runs_dir", str(tmp_path / "afile")])
 
 

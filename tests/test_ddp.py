@@ -79,6 +79,6 @@ def test_too_few_pairs_for_one_global_batch_is_an_input_error(tiny_dir, tmp_path
     cfg["train"].update(strategy="ddp", devices=2, batch_size=8)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(SystemExit, match="do not fill one global batch of train.batch_size=8 across 2 devices"):
+    with pytest.raises(pipeline.Refused, match="do not fill one global batch of train.batch_size=8 across 2 devices"):
         pipeline.main(["--config", str(path)])
     assert not (tmp_path / "runs").exists()

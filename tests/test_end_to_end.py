@@ -140,7 +140,7 @@ def test_generate_cli_in_the_readme_form(lora_run, capsys):
 
 
 def test_train_config_error_exits_cleanly(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="did you mean 'steps'"):
+    with pytest.raises(pipeline.Refused, match="did you mean 'steps'"):
         pipeline.main(["--train.stpes", "3", "--log.runs_dir", str(tmp_path)])
     # the installed command is the same pipeline: the message alone on stderr, status 2
     assert cli.main(["train", "--train.stpes", "3", "--log.runs_dir", str(tmp_path)]) == 2

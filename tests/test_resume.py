@@ -104,7 +104,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_adapter(tiny_dir, tmp_pat
         assert [p for p in run.iterdir() if p.name.startswith(".checkpoint.tmp.")]
 
     # a fresh start into the interrupted folder is refused instead of overwriting it
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(pipeline.Refused, match="--resume"):
         pipeline.main(["--config", str(cfg_path)])
 
     capsys.readouterr()
@@ -129,9 +129,9 @@ def test_same_seed_same_run_bit_for_bit(tiny_dir, tmp_path, reference):
 
 
 def test_resume_errors(tiny_dir, tmp_path, reference):
-    with pytest.raises(SystemExit, match="not a run folder"):
+    with pytest.raises(pipeline.Refused, match="not a run folder"):
         pipeline.main(["--resume", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match="drop --config"):
+    with pytest.raises(pipeline.Refused, match="drop --config"):
         pipeline.main(["--resume", str(reference[0]), "--train.steps", "3"])
 
 
