@@ -17,8 +17,8 @@ step of each in turn, so a slow-down of the machine hits all alike), each step =
   ([batch; batch], 4B rows), and on the batch alone (2B rows) for reference.
 
 Also: one base-weights checksum verify as a share of our step, and per run (the number of
-verifies a default run makes). Targets (issue 5): ours <= 0.5x the three-pass loop, <= 1.3x
-the bare LoRA step, checksum < 2% of a step.
+verifies a default run makes). Targets (the README's benchmarks paragraph): ours <= 0.5x the
+three-pass loop, <= 1.3x the bare LoRA step, checksum < 2% of a step.
 """
 
 from __future__ import annotations
