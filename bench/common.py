@@ -28,6 +28,9 @@ def base_run(config: Path, args, loss: Path | None = None):
 
     from adapters.config import load_config
     from adapters.pipeline import base
+    from adapters.quiet import install
+
+    install()  # the libraries' expected warnings, as every command hides them
 
     cfg = load_config(config)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=args.model, dtype=args.dtype, device="auto"),

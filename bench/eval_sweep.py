@@ -11,6 +11,11 @@ all): looped (one pass per coefficient), batched without the shared prefix, and 
 (the evaluation's path), for the adapter kind of configs/<kind>.yaml with random non-zero
 parameters and for a steering vector at the PCA vector's depth, and prints the median seconds,
 the speed-ups over the loop and the largest |Δy| from the loop.
+
+Then the whole evaluation of the main job's methods (the adapter, the steering vector, a random
+vector of its norm, prompting, the base model), side by side: the per-coefficient, per-method
+loop against the evaluation's path, which also scores every method's c = 0 row (the base
+model) once for all of them (``evaluate.sweep.run_sweep``).
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from adapters.evaluate.methods import adapter_method, vector_method
-    from adapters.evaluate.sweep import score_method
+    from adapters.evaluate.methods import (adapter_method, base_method, prompting_method, random_vectors,
+                                           vector_method)
+    from adapters.evaluate.sweep import _scores, score_method
     from adapters.hidden import output_dim, resolve
     from adapters.probes import load_probe, neutral_texts
     from adapters.tuners import attach
@@ -63,7 +69,7 @@ def main() -> None:
     neutral = neutral_texts(ev.neutral, ev.neutral_items)
     layers = resolve(model, ["model.layers.{N}"], [0.5, 0.55])  # the PCA vector's layers 15, 16
     dim = output_dim(model, layers[0])
-    vectors = {l: torch.randn(dim, generator=g) * 2.0 for l in layers}
+    vectors = {layer: torch.randn(dim, generator=g) * 2.0 for layer in layers}
     methods = {f"adapter ({args.kind})": adapter_method(model, ev.coeffs),
                "steering vector": vector_method(model, vectors, ev.coeffs)}
     items = sum(len(p.user) for p in probes)
@@ -86,6 +92,28 @@ def main() -> None:
         dy = max(float(np.abs(out["looped"][0][k] - out[p][0][k]).max()) for k in out["looped"][0]
                  for p in ("batched", "shared"))
         print(f"{name:<20} {m.prefix:>6} {tl:>9.2f} {tb:>9.2f} {ts:>9.2f} {tl / tb:>9.2f}x {tl / ts:>9.2f}x {dy:>9.4f}")
+
+    every = [*methods.values(), vector_method(model, random_vectors(vectors), ev.coeffs, "random"),
+             prompting_method(model, cfg.data.positive, cfg.data.negative, ev.prompt_template), base_method(model)]
+
+    def looped():
+        return [score_method(model, tok, dataclasses.replace(m, per_example=False), probes, neutral, ev.batch_size)
+                for m in every]
+
+    def ours():
+        base = score_method(model, tok, base_method(model), probes, neutral, ev.batch_size)
+        return [_scores(model, tok, m, probes, neutral, ev.batch_size, base) for m in every]
+
+    times, out = {"looped": [], "ours": []}, {}
+    for _ in range(args.repeats):
+        for label, fn in (("looped", looped), ("ours", ours)):
+            t = time.perf_counter()
+            out[label] = fn()
+            times[label].append(time.perf_counter() - t)
+    tl, to = statistics.median(times["looped"]), statistics.median(times["ours"])
+    dy = max(float(np.abs(a[0][k] - b[0][k]).max()) for a, b in zip(out["looped"], out["ours"]) for k in a[0])
+    print(f"evaluation of {', '.join(m.name for m in every)} ({sum(len(m.coeffs) for m in every)} method x "
+          f"coefficient rows): looped {tl:.2f} s, ours {to:.2f} s, {tl / to:.2f}x; max |Δy| {dy:.4f}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,12 @@ def test_the_sweep_applies_the_validity_rule(monkeypatch):
     y = np.array([[-1.0, -3.0], [0.0, 2.0], [1.0, 3.0], [5.0, 5.0]])  # (coeff, item)
     mass = np.array([[0.4, 0.4], [0.5, 0.5], [0.3, 0.3], [0.5, 0.5]])  # 0.8, 1, 0.6, 1 of the base
     nll = np.array([2.0, 2.0, 2.5, 3.5])  # ΔNLL 0, 0, 0.5, 1.5
-    monkeypatch.setattr(sweep, "score_method", lambda *a, **k: ({"p": y}, {"p": mass}, nll))
+
+    def fake_score(model, tok, m, probes, neutral, batch_size):
+        i = [coeffs.index(c) for c in m.coeffs]
+        return {"p": y[i]}, {"p": mass[i]}, nll[i]
+
+    monkeypatch.setattr(sweep, "score_method", fake_score)
     monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
     probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, mass_ratio=0.7, max_dnll=1.0, n_boot=100)
@@ -87,6 +92,29 @@ def test_the_sweep_applies_the_validity_rule(monkeypatch):
     (s,) = rep.summary
     assert s["valid_frac"] == 0.5 and math.isnan(s["slope"])  # only 2 valid points
 
+
+
+def test_the_base_row_is_scored_once_for_every_method(monkeypatch):
+    """Every method's c = 0 is the base model: the sweep scores it once and gives each method that
+    row; a method that says otherwise (zero_is_base False) is scored at its own c = 0."""
+    calls = []
+
+    def fake_score(model, tok, m, probes, neutral, batch_size):
+        calls.append((m.name, list(m.coeffs)))
+        cs = np.array(m.coeffs) + (0.25 if m.name == "own" else 0.0)  # "own" has its own c = 0 row
+        return {"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, 2.0 + np.abs(cs)
+
+    monkeypatch.setattr(sweep, "score_method", fake_score)
+    monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
+    probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
+    methods = [Method("a", [-1.0, 0.0, 1.0, 2.0]), Method("prompting", [-1.0, 0.0, 1.0]), Method("base", [0.0]),
+               Method("own", [-1.0, 0.0, 1.0], zero_is_base=False)]
+    rep = run_sweep(None, None, methods, [probe], EvalConfig(coeffs=[-1.0, 0.0, 1.0], n_boot=10), log=lambda *_: None)
+    assert calls == [("base", [0.0]), ("a", [-1.0, 1.0, 2.0]), ("prompting", [-1.0, 1.0]), ("own", [-1.0, 0.0, 1.0])]
+    rows = {(r["method"], r["coeff"]): r for r in rep.rows}
+    assert [rows[("a", c)]["mean_y"] for c in (-1.0, 0.0, 1.0, 2.0)] == [-1.0, 0.0, 1.0, 2.0]
+    assert rows[("base", 0.0)]["mean_y"] == 0.0 and rows[("prompting", 0.0)]["dnll"] == 0.0
+    assert rows[("own", 0.0)]["mean_y"] == 0.25
 
 
 def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
@@ -237,6 +265,11 @@ def test_baselines_vectors_prompting_base(tiny, tiny_directions):
     base = base_method(model)
     y0, _, _ = score_method(model, tok, base, probes, neutral)
     np.testing.assert_allclose(y["self_report"][1], y0["self_report"][0], atol=1e-5)  # c = 0 is the base
+    rep = run_sweep(model, tok, [vec, prompting_method(model, "an honest", "a dishonest"), base], probes,
+                    EvalConfig(coeffs=[-1.0, 0.0, 1.0], n_boot=10, neutral_items=1), log=lambda *_: None)
+    at0 = {r["method"]: r["mean_y"] for r in rep.rows if r["coeff"] == 0.0}  # one base row, shared
+    assert at0["pca_vector"] == at0["prompting"] == at0["base"] == pytest.approx(float(y0["self_report"][0].mean()),
+                                                                                 abs=1e-6)
     prompt = prompting_method(model, "an honest", "a dishonest")
     yp, _, _ = score_method(model, tok, prompt, probes, neutral)
     looped = Method("p", prompt.coeffs, prompt.context, prompt.system, per_example=False)

@@ -37,6 +37,8 @@ class Method:
     per_example: bool = False
     scalable: bool = False  # c is a continuous dose (adapter, vectors): the shift search may add coefficients
     prefix: int = 0  # decoder layers below this one are the same at every c: computed once per item
+    zero_is_base: bool = True
+    """At c = 0 it computes the base model with no system prompt (the sweep shares that row)."""
 
     def ctx(self, c):
         return self.context(c) if self.context else contextlib.nullcontext()

@@ -32,7 +32,7 @@ from .. import hidden
 from ..config import Config, EvalConfig
 from ..probes import ContinuationProbe, Probe, load_probe, neutral_texts
 from ..quiet import log, progress
-from .methods import Inputs, Method, adapter_method, baseline_methods
+from .methods import Inputs, Method, adapter_method, base_method, baseline_methods
 from .metrics import bootstrap_ci, shift_within, summarize
 from .report import Report
 from .scoring import NonFiniteOutputs, neutral_nll, probe_scores
@@ -148,12 +148,30 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
-def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], eval_cfg: EvalConfig, log=log.info) -> Report:
+def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size: int, base):
+    """``score_method`` of ``m`` over its coefficients, its c = 0 row taken from ``base`` (the base
+    model's scores, computed once for every method) where ``m.zero_is_base``."""
+    if not m.zero_is_base:
+        return score_method(model, tokenizer, m, probes, neutral, batch_size)
+    i0, rest = m.coeffs.index(0.0), [c for c in m.coeffs if c != 0.0]
+    if not rest:
+        return base
+    ys, masses, nlls = score_method(model, tokenizer, dataclasses.replace(m, coeffs=rest), probes, neutral, batch_size)
+    put = lambda a, row: np.insert(a, i0, row, axis=0)  # noqa: E731
+    return ({k: put(v, base[0][k][0]) for k, v in ys.items()}, {k: put(v, base[1][k][0]) for k, v in masses.items()},
+            put(nlls, base[2][0]))
+
+
+def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], eval_cfg: EvalConfig,
+              log=log.info) -> Report:
     neutral = neutral_texts(eval_cfg.neutral, eval_cfg.neutral_items)
     report = Report()
+    base = None
+    if any(m.zero_is_base for m in methods):  # every method's c = 0 row: the base model, scored once
+        base = score_method(model, tokenizer, base_method(model), probes, neutral, eval_cfg.batch_size)
     for m in progress(methods, "evaluation", unit="method"):
         try:
-            ys, masses, nlls = score_method(model, tokenizer, m, probes, neutral, eval_cfg.batch_size)
+            ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{m.name}: {e}; sweep smaller coefficients (eval.coeffs)") from None
         coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
