@@ -189,6 +189,36 @@ def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind, de
     assert not torch.allclose(got[1.0][1], got[-1.0][1]), "the two signs gave the same pass"
 
 
+@ALL_KINDS
+def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients(tiny, tiny_directions, kind, monkeypatch):
+    """Every kind, adapted from layer 1 up (so the per-example kinds share layer 0 between a row's
+    two signs): the step's loss and every adapter gradient equal those of the unshared pass (fp32)."""
+    from conftest import randomize
+
+    from adapters.module import ContrastiveModule
+
+    _, adapter, system, train, _ = setup_system(tiny, tiny_directions, kind, depth=(0.25, 0.75))
+    assert system.prefix == 1
+    randomize(adapter, std=0.2)
+    batch = next(iter(train))
+    params = adapter.trainable_parameters()
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        loss = system.step_terms(batch, step=0)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    shared, shared_grads = loss_and_grads()
+    monkeypatch.setattr(ContrastiveModule, "prefix", property(lambda self: 0))
+    full, full_grads = loss_and_grads()
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().max()) > 0 for g in full_grads), "no gradient reached the adapter"
+
+
 def test_the_base_cache_survives_a_checkpoint(tiny, tiny_directions, tmp_path):
     from adapters.checkpoint import load_checkpoint, save_checkpoint
 
