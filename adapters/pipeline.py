@@ -581,6 +581,23 @@ GENERATION_PROMPTS = ("Describe yourself in one sentence.", "Did you ever lie to
 """The fixed prompts of the wandb generations table (at the sweep's coefficients among -2, -1, 0, 1, 2)."""
 
 
+def generations(model, tokenizer, prompts, coeffs: list[float]) -> list[list]:
+    """[prompt, c, text] for each prompt at each coefficient (32 greedy tokens): the coefficients of
+    a prompt in one call (one batch where the adapter takes per-example c); where one breaks,
+    each on its own, so the others keep their text."""
+    from .steer import CoefficientError, generate
+
+    def texts(prompt: str, cs: list[float]) -> dict[float, str]:
+        try:
+            return generate(model, tokenizer, prompt, cs, max_new_tokens=32)
+        except CoefficientError:
+            if len(cs) == 1:
+                return {cs[0]: "(outputs not finite at this coefficient)"}
+            return {c: texts(prompt, [c])[c] for c in cs}
+
+    return [[prompt, c, text] for prompt in prompts for c, text in texts(prompt, coeffs).items()]
+
+
 def _log_adapter(run: Run) -> None:
     """The saved adapter, its directions and config as a versioned wandb artifact (type model).
     A failure is reported and skipped: the run folder holds the same files."""
@@ -609,16 +626,9 @@ def _log_evaluation(run: Run, report, png: Path) -> None:
     import wandb
 
     from .evaluate.report import wandb_payload
-    from .steer import CoefficientError, generate
-
-    def text(prompt: str, c: float) -> str:
-        try:
-            return generate(run.model, run.tokenizer, prompt, [c], max_new_tokens=32)[c]
-        except CoefficientError:
-            return "(outputs not finite at this coefficient)"
 
     coeffs = [c for c in run.cfg.eval.coeffs if c in (-2.0, -1.0, 0.0, 1.0, 2.0)]
-    rows = [[prompt, c, text(prompt, c)] for prompt in GENERATION_PROMPTS for c in coeffs]
+    rows = generations(run.model, run.tokenizer, GENERATION_PROMPTS, coeffs)
     run.logger.experiment.log({**wandb_payload(report, png),
                                "eval/generations": wandb.Table(columns=["prompt", "coeff", "text"], data=rows)})
     run.logger.experiment.summary.update({f"eval/{r['method']}/{r['probe']}/{k}": r[k] for r in report.summary

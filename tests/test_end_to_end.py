@@ -129,6 +129,28 @@ def test_generate_cli_errors(tmp_path, lora_run, capsys):
     assert e.value.code == 2 and "must be at least 1, got -5" in capsys.readouterr().err
 
 
+def test_the_generations_table_keeps_the_texts_of_the_coefficients_that_work(tiny):
+    """The wandb generations: each prompt's coefficients in one call; where one coefficient's outputs
+    are not finite (an additive vector of 3e38: finite at |c| <= 1, not at 2), that one says so and
+    the others keep their text, the same as alone."""
+    from conftest import attach_random
+
+    from adapters.steer import generate
+
+    model, tok = tiny
+    model, adapter = attach_random(model, "additive", depth=[0.25, 0.5])  # one residual layer
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.fill_(3e38)
+    rows = pipeline.generations(model, tok, ["Hi", "Who are you?"], [-2.0, -1.0, 0.0, 1.0, 2.0])
+    assert [(p, c) for p, c, _ in rows] == [(p, c) for p in ["Hi", "Who are you?"] for c in (-2.0, -1.0, 0.0, 1.0, 2.0)]
+    broken = {c for _, c, text in rows if text == "(outputs not finite at this coefficient)"}
+    assert broken == {-2.0, 2.0}
+    for prompt, c, text in rows:
+        if c not in broken:
+            assert text == generate(model, tok, prompt, [c], max_new_tokens=32)[c]
+
+
 def test_generate_cli_in_the_readme_form(lora_run, capsys):
     """README: `python -m adapters generate --run runs/honesty --coeff -1 0 1 "prompt"` (the prompt
     after the coefficients is a prompt, not a fourth coefficient)."""
