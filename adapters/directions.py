@@ -38,6 +38,7 @@ as returned per layer by ``collect_grads``. ``fit_methods`` fits many methods fr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,13 +122,16 @@ def _batches(tokenizer, pairs, max_length: int, batch_size: int):
 
 @torch.no_grad()
 def collect(model, tokenizer, pairs, layers: list[str], max_length: int, batch_size: int = 16,
-            token: str = "last", last_k: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Hidden states of the pairs at ``layers``: name -> (H_pos, H_neg), each (n, D) float32 on CPU."""
+            token: str = "last", last_k: int = 4, around=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Hidden states of the pairs at ``layers``: name -> (H_pos, H_neg), each (n, D) float32 on CPU.
+    ``around(rows)``, if given, is a context entered around each batch's forward (rows: the
+    batch's row count, [pos; neg])."""
     device = next(model.parameters()).device
     pos = {n: [] for n in layers}
     neg = {n: [] for n in layers}
     for batch in _batches(tokenizer, pairs, max_length, batch_size):
-        with hidden.record(model, layers) as hs:
+        rows = batch["input_ids"].shape[0]
+        with around(rows) if around else contextlib.nullcontext(), hidden.record(model, layers) as hs:
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                   logits_to_keep=1)  # only hidden states are used: skip the full-vocabulary logits
         for n in layers:

@@ -24,7 +24,7 @@ from adapters.evaluate import sweep
 from adapters.evaluate.sweep import run_sweep, score_method
 from adapters.probes import ContinuationProbe, Probe, load_probe
 from adapters import pipeline
-from conftest import attach_random, tiny_config
+from conftest import attach_random, make_pairs, tiny_config
 
 # --------------------------------------------------------------------------- metrics
 
@@ -215,6 +215,29 @@ def test_batched_sweep_equals_the_coefficient_loop(tiny, kind, depth, prefix):
     np.testing.assert_allclose(mass_b["self_report"], mass_l["self_report"], atol=2e-6)
     np.testing.assert_allclose(nll_b, nll_l, atol=2e-5)
     assert np.ptp(y_b["self_report"][:, 0]) > 1e-3, "the adapter does not move y"
+
+
+@pytest.mark.parametrize("kind,depth", [("lora", [0.5, 1.0]), ("additive", [0.25, 1.0])])
+def test_held_out_separation_in_one_batched_pass_equals_one_pass_per_coefficient(tiny, tiny_directions, kind, depth):
+    """A per-example adapter's separation and shift at -1 / 0 / +1: every coefficient in the same
+    passes (each pair's rows in a run, the layers below the adapter once per run) equals one
+    collect per coefficient."""
+    from adapters.evaluate.sweep import held_out_separation
+
+    model, tok = tiny
+    model, adapter = attach_random(model, kind, std=0.3, depth=depth)
+    m = adapter_method(model, [-1.0, 0.0, 1.0])
+    assert m.per_example and m.prefix > 0
+    pairs = make_pairs(7, start=30)  # 21 rows at 3 coefficients: batches of 15 and 6 pairs x coefficients
+    batched = held_out_separation(model, tok, pairs, tiny_directions, 96, m, batch_size=16)
+    looped = held_out_separation(model, tok, pairs, tiny_directions, 96, dataclasses.replace(m, per_example=False),
+                                 batch_size=16)
+    assert [(r["layer"], r["coeff"]) for r in batched] == [(r["layer"], r["coeff"]) for r in looped]
+    for a, b in zip(batched, looped):
+        for key in ("separation", "agreement", "shift"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+    assert all(r["shift"] == 0.0 for r in batched if r["coeff"] == 0.0)
+    assert any(abs(r["shift"]) > 1e-3 for r in batched if r["coeff"] != 0.0), "the adapter does not move the states"
 
 
 def test_a_kind_without_per_example_coefficients_loops(tiny):

@@ -228,6 +228,27 @@ def signal_notes(report: Report) -> None:
                                     f"{lo['mean_y']:+.2f} vs {hi['mean_y']:+.2f}).")
 
 
+def _collect_at(model, tokenizer, pairs, layers: list[str], max_length: int, batch_size: int, m: Method,
+                cs: list[float]) -> dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``directions.collect`` at every coefficient of ``cs`` in the same passes, for a per-example
+    method: each pair once per coefficient on consecutive rows (batches hold whole runs), the
+    decoder layers below ``m.prefix`` once per run (below none of ``layers``: they are recorded)."""
+    from ..directions import collect
+
+    k, device = len(cs), next(model.parameters()).device
+    prefix = min([m.prefix, *(hidden.layer_index(layer) for layer in layers)])
+
+    @contextlib.contextmanager
+    def around(rows):  # [pos; neg] halves, each pair's k rows in a run: c cycles through cs
+        with m.ctx(torch.tensor(cs, dtype=torch.float32, device=device).repeat(rows // k)), \
+                hidden.shared_prefix(model, prefix, k):
+            yield
+
+    got = collect(model, tokenizer, [p for p in pairs for _ in cs], layers, max_length,
+                  max(k, batch_size - batch_size % k), around=around)
+    return {c: {layer: (pos[i::k], neg[i::k]) for layer, (pos, neg) in got.items()} for i, c in enumerate(cs)}
+
+
 @torch.no_grad()
 def held_out_separation(model, tokenizer, val_pairs, directions, max_length, method: Method | None = None,
                         coeffs=(-1.0, 0.0, 1.0), batch_size=16) -> list[dict]:
@@ -238,10 +259,14 @@ def held_out_separation(model, tokenizer, val_pairs, directions, max_length, met
     from ..directions import collect
 
     method = method or adapter_method(model, coeffs)
-    hs = {}
-    for c in sorted(set(coeffs) | {0.0}, key=lambda c: c != 0.0):
-        with method.ctx(c):
-            hs[c] = collect(model, tokenizer, val_pairs, directions.selected, max_length, batch_size)
+    cs = sorted(set(coeffs) | {0.0}, key=lambda c: c != 0.0)
+    if method.per_example:
+        hs = _collect_at(model, tokenizer, val_pairs, directions.selected, max_length, batch_size, method, cs)
+    else:
+        hs = {}
+        for c in cs:
+            with method.ctx(c):
+                hs[c] = collect(model, tokenizer, val_pairs, directions.selected, max_length, batch_size)
     out = []
     for c in coeffs:
         for layer in directions.selected:
