@@ -630,6 +630,8 @@ class EvalConfig(_Section):
             *(_check(isinstance(c, (int, float)) and math.isfinite(c),
                      f"eval.coeffs holds {c!r}; every coefficient must be a finite number") for c in self.coeffs),
             _check(0.0 in self.coeffs, "eval.coeffs must contain 0 (the base model)"),
+            _check(len(set(self.coeffs)) == len(self.coeffs),
+                   f"eval.coeffs {self.coeffs} holds a coefficient twice; list each once"),
             _check(len(self.dilemma_values) > 0 and all(isinstance(v, str) and v.strip() for v in self.dilemma_values),
                    "eval.dilemma_values must list at least one non-empty value name"),
             _check(isinstance(self.dilemma_template, str) and "{situation}" in self.dilemma_template

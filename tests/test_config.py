@@ -179,6 +179,8 @@ def test_each_kind_has_its_options_section():
         config_from_dict({"adapter": {"block_size": 16}})
     with pytest.raises(ConfigError, match=r"adapter.lora: expected a mapping, got int"):
         config_from_dict({"adapter": {"lora": 0}})
+    with pytest.raises(ConfigError, match=r"holds a coefficient twice"):
+        config_from_dict({"eval": {"coeffs": [-1, 0, 0, 1]}})
 
 
 def test_a_saved_flat_adapter_section_moves_every_key_to_its_place():

@@ -138,7 +138,11 @@ def test_the_generations_table_keeps_the_texts_of_the_coefficients_that_work(tin
     from adapters.steer import generate
 
     model, tok = tiny
-    model, adapter = attach_random(model, "additive", depth=[0.25, 0.5])  # one residual layer
+    model, adapter = attach_random(model, "additive", std=1.0, depth=[0.25, 0.5])  # one residual layer
+    coeffs = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    batched = pipeline.generations(model, tok, ["Hi"], coeffs)  # every coefficient works: one call
+    assert batched == [["Hi", c, generate(model, tok, "Hi", [c], max_new_tokens=32)[c]] for c in coeffs]
+    assert len({text for *_, text in batched}) > 1, "the adapter does not change the text"
     with torch.no_grad():
         for p in adapter.trainable_parameters():
             p.fill_(3e38)

@@ -189,10 +189,11 @@ def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind, de
     assert not torch.allclose(got[1.0][1], got[-1.0][1]), "the two signs gave the same pass"
 
 
-@ALL_KINDS
+@pytest.mark.parametrize("kind", [k for k, cls in KINDS.items() if cls.per_example])
 def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients(tiny, tiny_directions, kind, monkeypatch):
-    """Every kind, adapted from layer 1 up (so the per-example kinds share layer 0 between a row's
-    two signs): the step's loss and every adapter gradient equal those of the unshared pass (fp32)."""
+    """The kinds that share a prefix (per-example: a row's two signs in one pass; the others run one
+    pass per sign and share nothing), adapted from layer 1 up: the step's loss and every adapter
+    gradient equal those of the unshared pass (fp32)."""
     from conftest import randomize
 
     from adapters.module import ContrastiveModule

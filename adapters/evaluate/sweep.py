@@ -153,13 +153,18 @@ def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size:
     model's scores, computed once for every method) where ``m.zero_is_base``."""
     if not m.zero_is_base:
         return score_method(model, tokenizer, m, probes, neutral, batch_size)
-    i0, rest = m.coeffs.index(0.0), [c for c in m.coeffs if c != 0.0]
+    rest = [c for c in m.coeffs if c != 0.0]
     if not rest:
-        return base
-    ys, masses, nlls = score_method(model, tokenizer, dataclasses.replace(m, coeffs=rest), probes, neutral, batch_size)
-    put = lambda a, row: np.insert(a, i0, row, axis=0)  # noqa: E731
-    return ({k: put(v, base[0][k][0]) for k, v in ys.items()}, {k: put(v, base[1][k][0]) for k, v in masses.items()},
-            put(nlls, base[2][0]))
+        ys, masses, nlls = base
+    else:
+        ys, masses, nlls = score_method(model, tokenizer, dataclasses.replace(m, coeffs=rest), probes, neutral,
+                                        batch_size)
+    # row j: the base row where c = 0, else the next of the method's own rows (their order is m.coeffs')
+    rows = np.cumsum([c != 0.0 for c in m.coeffs]) - 1
+    take = lambda own, shared: np.stack([shared[0] if c == 0.0 else own[r]  # noqa: E731
+                                         for c, r in zip(m.coeffs, rows)])
+    return ({k: take(v, base[0][k]) for k, v in ys.items()}, {k: take(v, base[1][k]) for k, v in masses.items()},
+            take(nlls, base[2]))
 
 
 def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], eval_cfg: EvalConfig,
@@ -168,7 +173,10 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
     report = Report()
     base = None
     if any(m.zero_is_base for m in methods):  # every method's c = 0 row: the base model, scored once
-        base = score_method(model, tokenizer, base_method(model), probes, neutral, eval_cfg.batch_size)
+        try:
+            base = score_method(model, tokenizer, base_method(model), probes, neutral, eval_cfg.batch_size)
+        except NonFiniteOutputs as e:
+            raise NonFiniteOutputs(f"base: {e}") from None
     for m in progress(methods, "evaluation", unit="method"):
         try:
             ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base)
