@@ -87,7 +87,8 @@ def neutral_lines(spec: str = "builtin") -> list[str]:
     return _read_lines(spec, "neutral_train.txt", "neutral training text")
 
 
-def _persona(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, user: str, persona: str, system: str) -> tuple[str, str]:
+def _persona(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, user: str, persona: str,
+             system: str) -> tuple[str, str]:
     """(user turn, system prompt) with ``persona`` placed as ``behaviour.persona`` says."""
     if behaviour_cfg.persona == "system":
         return user, behaviour_cfg.system_template.format(persona=persona)
@@ -95,7 +96,8 @@ def _persona(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, user: str, pe
     return (f"{head}\n\n{user}" if user else head), system
 
 
-def prompts_for(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, train_pairs: list[ContrastivePair], seed: int) -> list[BehaviourPrompt]:
+def prompts_for(behaviour_cfg: BehaviourConfig, data_cfg: DataConfig, train_pairs: list[ContrastivePair],
+                seed: int) -> list[BehaviourPrompt]:
     """The run's behaviour prompts: user pairs with chosen/rejected as given, then questions and
     a seeded sample of training openings with completions to generate."""
     out: list[BehaviourPrompt] = []

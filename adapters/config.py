@@ -90,7 +90,8 @@ def _choice_problems(obj: _Section) -> list[str]:
         for value in getattr(obj, name) if many else [getattr(obj, name)]:
             if value not in valid:
                 found.append(_REFUSED.get((where, value))
-                             or f"{where}{' entry' if many else ''}={value!r} is not valid; choose one of {sorted(valid)}")
+                             or f"{where}{' entry' if many else ''}={value!r} is not valid; "
+                                f"choose one of {sorted(valid)}")
     return found
 
 
@@ -160,7 +161,8 @@ PRECISIONS = choices(Precision)
 
 
 QUANTIZED_KINDS = ("additive", "lora", "oft", "road")
-"""Adapter kinds supported on a bitsandbytes base (each kind's ``quantizable``; tests/test_quantized.py runs each on CPU)."""
+"""Adapter kinds supported on a bitsandbytes base (each kind's ``quantizable``; tests/test_quantized.py
+runs each on CPU)."""
 
 
 @dataclass
@@ -564,7 +566,8 @@ class TrainConfig(_Section):
             _check(self.strategy != "auto" or self.devices == 1,
                    "train.devices > 1 needs train.strategy=ddp (auto runs one process)"),
             _check(self.devices < 1 or self.batch_size % self.devices == 0,
-                   f"train.batch_size={self.batch_size} (the global batch) must divide by train.devices={self.devices}"))
+                   f"train.batch_size={self.batch_size} (the global batch) must divide by "
+                   f"train.devices={self.devices}"))
 
 
 @dataclass
@@ -598,7 +601,8 @@ class EvalConfig(_Section):
     """Neutral paragraphs used for ΔNLL (0 = all)."""
     max_items: int = 0
     """0 = all probe items."""
-    baselines: list[Baseline] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random", "base"])
+    baselines: list[Baseline] = field(default_factory=lambda: ["prompting", "pca_vector", "mean_diff", "random",
+                                                               "base"])
     """Compared with the adapter in every report: prompting (persona system prompts at c = -1/0/+1),
     pca_vector / mean_diff (additive steering vectors at the loss layers, v_l·s_l), random (a
     random direction of the PCA vector's norm), base (the unsteered model, c = 0), and the

@@ -124,10 +124,11 @@ def pairs_from_rows(rows: list[tuple[str, dict]], template: str, positive: str, 
 def load_pairs(data_cfg: DataConfig) -> list[ContrastivePair]:
     """Pairs from a DataConfig."""
     if data_cfg.pairs == "builtin":
-        pairs = persona_pairs(builtin_suffixes(), data_cfg.template, data_cfg.positive, data_cfg.negative, data_cfg.system)
+        pairs = persona_pairs(builtin_suffixes(), data_cfg.template, data_cfg.positive, data_cfg.negative,
+                              data_cfg.system)
     elif data_cfg.pairs.startswith("hf:"):
-        pairs = pairs_from_rows(_rows_from_hf(data_cfg.pairs[3:], data_cfg.hf_split), data_cfg.template, data_cfg.positive,
-                                data_cfg.negative, data_cfg.system, data_cfg.pairs)
+        pairs = pairs_from_rows(_rows_from_hf(data_cfg.pairs[3:], data_cfg.hf_split), data_cfg.template,
+                                data_cfg.positive, data_cfg.negative, data_cfg.system, data_cfg.pairs)
     else:
         path = Path(data_cfg.pairs)
         pairs = pairs_from_rows(_rows_from_file(path), data_cfg.template, data_cfg.positive, data_cfg.negative,

@@ -327,8 +327,8 @@ def select_layers(stats: dict[str, dict], layers: list[str], how: str, n: int = 
     return sorted(chosen, key=lambda layer: (hidden.layer_index(layer), layer))
 
 
-def fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg: DirectionsConfig, max_length: int, methods: list[str],
-                fingerprint: str = "", layers: list[str] | None = None) -> dict[str, Directions]:
+def fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg: DirectionsConfig, max_length: int,
+                methods: list[str], fingerprint: str = "", layers: list[str] | None = None) -> dict[str, Directions]:
     """Directions of every method in ``methods`` at ``layers`` (default: directions_cfg's candidate layers).
 
     Hidden states are collected once; suffix log-probs and gradients once, in the same pass, and
@@ -342,7 +342,8 @@ def fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg: Direct
             layers += [layer for layer in hidden.resolve(model, directions_cfg.explicit) if layer not in layers]
     else:
         layers = hidden.resolve(model, layers)
-    kw = dict(max_length=max_length, batch_size=directions_cfg.batch_size, token=directions_cfg.token, last_k=directions_cfg.last_k)
+    kw = dict(max_length=max_length, batch_size=directions_cfg.batch_size, token=directions_cfg.token,
+              last_k=directions_cfg.last_k)
     train_pairs = train_pairs[: directions_cfg.max_pairs or None]
     if any(m in GRAD_METHODS or m == "pca_diff_weighted" for m in methods):
         h_train, grads, logp = collect_grads(model, tokenizer, train_pairs, layers,
@@ -358,12 +359,16 @@ def fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg: Direct
                                            grads[layer] if grads else None, logp)
             stats[layer] = layer_stats(vectors[layer][0], h_train[layer], h_val[layer])
             scale[layer] = stats[layer]["scale"]
-        selected = select_layers(stats, layers, directions_cfg.select, directions_cfg.n_layers, directions_cfg.every, directions_cfg.explicit)
+        selected = select_layers(stats, layers, directions_cfg.select, directions_cfg.n_layers, directions_cfg.every,
+                                 directions_cfg.explicit)
         out[m] = Directions(m, layers, vectors, scale, stats, selected, fingerprint)
     return out
 
 
 def compute(model, tokenizer, train_pairs, val_pairs, directions_cfg: DirectionsConfig, max_length: int,
             fingerprint: str = "") -> Directions:
-    """Reference directions of ``directions_cfg.method`` for every candidate layer, with stats, and the selected loss layers."""
-    return fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg, max_length, [directions_cfg.method], fingerprint)[directions_cfg.method]
+    """Reference directions of ``directions_cfg.method`` for every candidate layer, with stats, and the
+    selected loss layers."""
+    method = directions_cfg.method
+    fitted = fit_methods(model, tokenizer, train_pairs, val_pairs, directions_cfg, max_length, [method], fingerprint)
+    return fitted[method]

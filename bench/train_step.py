@@ -53,7 +53,8 @@ def main() -> None:
     opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-5)
 
     targets = resolve(base, cfg.adapter.targets, cfg.adapter.depth)
-    bare = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=cfg.adapter.lora.r, lora_alpha=cfg.adapter.lora.alpha,
+    lora = cfg.adapter.lora
+    bare = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha,
                                                                     target_modules=targets, lora_dropout=0.0))
     bare_opt = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=1e-5)
 

@@ -290,7 +290,8 @@ def test_a_run_saved_with_the_flat_adapter_section_still_loads(lora_run, tmp_pat
     (old / "config.yaml").write_text(yaml.safe_dump({**cfg, "adapter": flat(cfg["adapter"])}, sort_keys=False))
     tensors = load_file(str(old / "adapter.safetensors"))
     meta = load_tensors(old / "adapter.safetensors")[1]
-    save_file(tensors, str(old / "adapter.safetensors"), metadata={"meta": json.dumps({**meta, "adapter": flat(meta["adapter"])})})
+    flat_meta = json.dumps({**meta, "adapter": flat(meta["adapter"])})
+    save_file(tensors, str(old / "adapter.safetensors"), metadata={"meta": flat_meta})
 
     assert load_config(old / "config.yaml") == load_config(run_dir / "config.yaml")
     new_run, old_run = pipeline.load(run_dir, device="cpu"), pipeline.load(old, device="cpu")

@@ -38,21 +38,22 @@ from .report import Report
 from .scoring import NonFiniteOutputs, neutral_nll, probe_scores
 
 
+@contextlib.contextmanager
+def _per_row(model, m: Method, coeffs: list[float], prefix: int, group: int):
+    """A block in which a per-example method runs each row at its own coefficient of ``coeffs``,
+    and the decoder layers below ``prefix`` once per run of ``group`` identical rows."""
+    device = next(model.parameters()).device
+    with m.ctx(torch.tensor(coeffs, dtype=torch.float32, device=device)), hidden.shared_prefix(model, prefix, group):
+        yield
+
+
 def score_method(model, tokenizer, m: Method, probes: list[Probe | ContinuationProbe], neutral: list[str],
                  batch_size: int = 16):
     """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient
     (None with ``neutral`` None)."""
     if m.per_example:  # one group: every coefficient in the same forward passes
-        device = next(model.parameters()).device
         share = len(m.coeffs) if m.system is None else 1  # an item's rows differ only by c: one prefix
-
-        @contextlib.contextmanager
-        def batched(cs):
-            with m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)), \
-                    hidden.shared_prefix(model, m.prefix, share):
-                yield
-
-        groups = [(list(m.coeffs), contextlib.nullcontext, batched)]
+        groups = [(list(m.coeffs), contextlib.nullcontext, lambda cs: _per_row(model, m, cs, m.prefix, share))]
     else:
         groups = [([c], lambda c=c: m.ctx(c), None) for c in m.coeffs]
     ys, masses, nlls = {p.kind: [] for p in probes}, {p.kind: [] for p in probes}, []
@@ -73,9 +74,8 @@ def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, bas
     the model is broken there, past any budget)."""
     try:
         if m.per_example:
-            device = next(model.parameters()).device
             nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
-                              lambda cs: m.ctx(torch.tensor(cs, dtype=torch.float32, device=device)))
+                              lambda cs: _per_row(model, m, cs, 0, 1))
         else:
             with m.ctx(c):
                 nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
@@ -243,15 +243,10 @@ def _collect_at(model, tokenizer, pairs, layers: list[str], max_length: int, bat
     decoder layers below ``m.prefix`` once per run (below none of ``layers``: they are recorded)."""
     from ..directions import collect
 
-    k, device = len(cs), next(model.parameters()).device
+    k = len(cs)
     prefix = min([m.prefix, *(hidden.layer_index(layer) for layer in layers)])
-
-    @contextlib.contextmanager
-    def around(rows):  # [pos; neg] halves, each pair's k rows in a run: c cycles through cs
-        with m.ctx(torch.tensor(cs, dtype=torch.float32, device=device).repeat(rows // k)), \
-                hidden.shared_prefix(model, prefix, k):
-            yield
-
+    # [pos; neg] halves, each pair's k rows in a run: c cycles through cs
+    around = lambda rows: _per_row(model, m, list(cs) * (rows // k), prefix, k)  # noqa: E731
     got = collect(model, tokenizer, [p for p in pairs for _ in cs], layers, max_length,
                   max(k, batch_size - batch_size % k), around=around)
     return {c: {layer: (pos[i::k], neg[i::k]) for layer, (pos, neg) in got.items()} for i, c in enumerate(cs)}

@@ -52,9 +52,8 @@ class EtherAdapter(Adapter):
                                  "Use patterns such as model.layers.{N}.mlp.down_proj")
             d = mod.in_features if adapter_cfg.ether.side == "in" else mod.out_features
             if d % adapter_cfg.ether.n_blocks:
-                raise ValueError(f"adapter.ether.n_blocks {adapter_cfg.ether.n_blocks} does not divide the {adapter_cfg.ether.side}put "
-                                 f"size {d} "
-                                 f"of {t!r}; choose a divisor of {d}")
+                raise ValueError(f"adapter.ether.n_blocks {adapter_cfg.ether.n_blocks} does not divide the "
+                                 f"{adapter_cfg.ether.side}put size {d} of {t!r}; choose a divisor of {d}")
             dims.append(d)
         param = next(model.parameters())
         adapter = cls(model, adapter_cfg, targets, dims).to(param.device)

@@ -30,7 +30,8 @@ class LoraAdapter(PeftAdapter):
     def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import LoraConfig
 
-        return LoraConfig(r=adapter_cfg.lora.r, lora_alpha=adapter_cfg.lora.alpha, lora_dropout=adapter_cfg.lora.dropout,
+        options = adapter_cfg.lora
+        return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                           target_modules=targets, init_lora_weights=True, bias="none")
 
     def lora_layers(self):

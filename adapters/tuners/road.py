@@ -33,7 +33,8 @@ class RoadAdapter(SwapAdapter):
     def peft_config(cls, adapter_cfg: AdapterConfig, targets):
         from peft import RoadConfig
 
-        return RoadConfig(variant=adapter_cfg.road.variant, group_size=adapter_cfg.road.group_size, target_modules=targets,
+        options = adapter_cfg.road
+        return RoadConfig(variant=options.variant, group_size=options.group_size, target_modules=targets,
                           init_weights=True)
 
     def swaps(self, layer):
