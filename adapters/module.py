@@ -109,6 +109,7 @@ class ContrastiveModule(L.LightningModule):
         for i, layer in enumerate(self.layers):
             self.register_buffer(f"ref_{i}", directions.v(layer).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
+        self._val_cache: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
 
@@ -306,20 +307,32 @@ class ContrastiveModule(L.LightningModule):
         self.log("loss", terms["loss"].detach(), prog_bar=True, batch_size=batch["index"].numel())
         return terms["loss"]
 
+    def _val_base(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The base model's last-token hidden states {layer: (2B, D)} and NLL (2B, T) of a validation
+        batch: computed at the first validation, reused by every later one (the base never changes
+        and the validation batches are the same every time)."""
+        key = tuple(int(i) for i in batch["index"])
+        if key not in self._val_cache:
+            h, nll = self._forward(batch, 0.0)
+            self._val_cache[key] = ({layer: t[:, -1].float() for layer, t in h.items()}, nll)
+        return self._val_cache[key]
+
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
         """Held-out pairs: the contrast projection (Δ·v)/s on the last token, and the suffix
-        ΔNLL, at c = 0, -1, +1."""
+        ΔNLL, at c = 0, -1, +1 (+1 and -1 in one pass where the kind takes per-row coefficients)."""
         n = batch["index"].numel()
+        last0, nll0 = self._val_base(batch)
+        rows = {0.0: (last0, None)}
+        for s, (h, nll, _) in self.policy_passes(batch, torch.ones(n)).items():
+            rows[s] = ({layer: t[:, -1].float() for layer, t in h.items()}, nll)
         for c in (0.0, -1.0, 1.0):
-            h, nll = self._forward(batch, c)
+            last, nll = rows[c]
             for layer in self.layers:
-                pos, neg = h[layer][:, -1].float().chunk(2)
+                pos, neg = last[layer].chunk(2)
                 sep = ((pos - neg) @ self.vectors[layer]) / self.scale[layer]
                 self.log(f"val/sep@{c:+g}/{layer}", sep.mean(), batch_size=n)
-            if c == 0.0:
-                nll0 = nll
-            else:
+            if c != 0.0:
                 self.log(f"val/dnll@{c:+g}", masked_mean(nll - nll0, batch["suffix_mask"], (0, 1)), batch_size=n)
 
     def on_validation_epoch_end(self):

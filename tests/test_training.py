@@ -189,6 +189,44 @@ def test_both_signs_in_one_pass_equal_two_passes(tiny, tiny_directions, kind, de
     assert not torch.allclose(got[1.0][1], got[-1.0][1]), "the two signs gave the same pass"
 
 
+@pytest.mark.parametrize("kind,depth", [("lora", (0.25, 0.75)), ("additive", (0.25, 0.75)), ("road", (0.0, 0.75))])
+def test_validation_equals_one_plain_pass_per_coefficient_and_runs_the_base_once(tiny, tiny_directions, kind, depth,
+                                                                                   monkeypatch):
+    """What validation logs (last-token separation per layer at 0 / -1 / +1, suffix ΔNLL at ±1)
+    equals a plain pass per coefficient, with -1 and +1 in one pass where the kind takes per-row
+    coefficients; the base pass (c = 0) runs at the first validation only."""
+    from conftest import randomize
+
+    from adapters.loss import masked_mean
+
+    _, adapter, system, _, val = setup_system(tiny, tiny_directions, kind, depth)
+    randomize(adapter, std=0.2)
+    batch = next(iter(val))
+    want = {}
+    with torch.no_grad():
+        h0, nll0 = system._forward(batch, 0.0)
+        for c in (0.0, -1.0, 1.0):
+            h, nll = system._forward(batch, c) if c else (h0, nll0)
+            for l in system.layers:
+                pos, neg = h[l][:, -1].chunk(2)
+                want[f"val/sep@{c:+g}/{l}"] = (((pos - neg) @ system.vectors[l]) / system.scale[l]).mean()
+            if c:
+                want[f"val/dnll@{c:+g}"] = masked_mean(nll - nll0, batch["suffix_mask"], (0, 1))
+    got, calls = {}, []
+    monkeypatch.setattr(system, "log", lambda name, value, **kw: got.__setitem__(name, value))
+    forward = system._forward
+    monkeypatch.setattr(system, "_forward", lambda b, c: calls.append(c) or forward(b, c))
+    for _ in range(2):
+        got.clear()
+        system.validation_step(batch, 0)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-5)
+    zeros = [c for c in calls if isinstance(c, float) and c == 0.0]
+    assert len(zeros) == 1, calls  # the base pass once, at the first validation
+    assert len(calls) == (3 if adapter.per_example else 5), calls
+
+
 @pytest.mark.parametrize("kind", [k for k, cls in KINDS.items() if cls.per_example])
 def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients(tiny, tiny_directions, kind, monkeypatch):
     """The kinds that share a prefix (per-example: a row's two signs in one pass; the others run one
