@@ -8,6 +8,7 @@ transformers model (a peft wrapper's prefixes are handled here).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Callable, Iterator
 
 import torch
@@ -153,22 +154,86 @@ def first_layer(names: list[str]) -> int:
 _BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
 
 
+class PrefixStore:
+    """Hidden states entering some decoder layers, per input (a pass's distinct rows: their token
+    ids and attention mask), kept by an unsteered pass (``keep_prefix``). A later pass over the
+    same input whose steering leaves the layers below one of them alone starts there
+    (``shared_prefix(..., store=)``): layers below it run on one row, not on every row."""
+
+    def __init__(self, layers):
+        self.layers = sorted({int(i) for i in layers if i > 0})
+        self.states: dict[tuple[bytes, int], torch.Tensor] = {}
+
+    @staticmethod
+    def key(ids: torch.Tensor, mask: torch.Tensor | None) -> bytes:
+        parts = [str((tuple(ids.shape), ids.dtype)).encode(), ids.cpu().numpy().tobytes()]
+        if mask is not None:
+            parts.append(mask.to(torch.int8).cpu().numpy().tobytes())
+        return hashlib.blake2b(b"|".join(parts), digest_size=16).digest()
+
+
+def _input_key(args, kwargs, group: int = 1) -> bytes | None:
+    """The ``PrefixStore`` key of a decoder-stack call's distinct rows (None without token ids)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        return None
+    mask = kwargs.get("attention_mask")
+    return PrefixStore.key(ids[::group], mask[::group] if isinstance(mask, torch.Tensor) else None)
+
+
 @contextlib.contextmanager
-def shared_prefix(model: nn.Module, first: int, group: int) -> Iterator[None]:
+def keep_prefix(model: nn.Module, store: PrefixStore) -> Iterator[None]:
+    """Every forward pass in the block keeps, in ``store``, the hidden states entering each of the
+    store's layers. Only for passes that steer nothing below those layers (the base model)."""
+    stack = decoder_stack(model) if store.layers else None
+    if stack is None:
+        yield
+        return
+    layers = stack.layers
+    state = {}
+
+    def key(_mod, args, kwargs):
+        state["key"] = _input_key(args, kwargs)
+
+    def keep(i):
+        def hook(_mod, args):
+            if state.get("key") is not None:
+                store.states[(state["key"], i)] = args[0].detach()
+        return hook
+
+    handles = [stack.register_forward_pre_hook(key, with_kwargs=True)]
+    handles += [layers[i].register_forward_pre_hook(keep(i)) for i in store.layers if i < len(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def shared_prefix(model: nn.Module, first: int, group: int, store: PrefixStore | None = None) -> Iterator[None]:
     """Forward passes whose rows come in runs of ``group`` identical inputs (an item at several
     coefficients of a steering that leaves layers below ``first`` alone) compute decoder layers
     0..first-1 once per run and copy the result to its rows before layer ``first``. Rows and
     padding must repeat exactly (``evaluate`` lays rows out item-major); the batch must divide
-    by ``group``. Layer-wise the same maths on fewer rows: equal to fp32 rounding."""
-    layers = decoder_layers(model) if first > 0 and group > 1 else None
+    by ``group``. Layer-wise the same maths on fewer rows: equal to fp32 rounding. With
+    ``store``, a pass whose distinct rows it holds at layer ``first`` starts from there (layers
+    0..first-1 run on one row, their output unused): bitwise the state the prefix would compute
+    on the same rows."""
+    layers = decoder_layers(model) if first > 0 and (group > 1 or store is not None) else None
+    stack = decoder_stack(model) if store is not None else None
     if layers is None or first >= len(layers):
         yield
         return
     state = {}
 
+    def lookup(_mod, args, kwargs):  # the decoder stack: is this input's state at layer first kept?
+        k = _input_key(args, kwargs, group)
+        state["kept"] = store.states.get((k, first)) if k is not None else None
+
     def shrink(x, rows):
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == rows:
-            return x[::group]
+            return x[:1] if state.get("kept") is not None else x[::group]
         if isinstance(x, tuple):
             return tuple(shrink(t, rows) for t in x)
         return x
@@ -178,16 +243,19 @@ def shared_prefix(model: nn.Module, first: int, group: int) -> Iterator[None]:
         if rows % group:
             raise ValueError(f"shared_prefix: a batch of {rows} rows does not divide into runs of {group}")
         state["rows"] = rows
-        return (args[0][::group],) + tuple(args[1:]), kwargs
+        return (shrink(args[0], rows),) + tuple(args[1:]), kwargs
 
     def inside(_mod, args, kwargs):  # layers 0..first-1: their batched arguments on one row per run
         rows = state["rows"]
         return args, {k: shrink(v, rows) if k in _BATCHED_KWARGS else v for k, v in kwargs.items()}
 
     def leave(_mod, args, kwargs):  # layer first: every row again
-        return (args[0].repeat_interleave(group, 0),) + tuple(args[1:]), kwargs
+        kept = state.pop("kept", None)
+        h = args[0] if kept is None else kept
+        return (h.repeat_interleave(group, 0) if group > 1 else h,) + tuple(args[1:]), kwargs
 
-    handles = [layers[0].register_forward_pre_hook(enter, with_kwargs=True)]
+    handles = [stack.register_forward_pre_hook(lookup, with_kwargs=True)] if stack is not None else []
+    handles += [layers[0].register_forward_pre_hook(enter, with_kwargs=True)]
     handles += [layers[i].register_forward_pre_hook(inside, with_kwargs=True) for i in range(first)]
     handles.append(layers[first].register_forward_pre_hook(leave, with_kwargs=True))
     try:

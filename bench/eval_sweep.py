@@ -15,7 +15,8 @@ the speed-ups over the loop and the largest |Δy| from the loop.
 Then the whole evaluation of the main job's methods (the adapter, the steering vector, a random
 vector of its norm, prompting, the base model), side by side: the per-coefficient, per-method
 loop against the evaluation's path, which also scores every method's c = 0 row (the base
-model) once for all of them (``evaluate.sweep.run_sweep``).
+model) once for all of them, and starts every later pass over the same items at the method's first
+steered layer from the base row's states there (``evaluate.sweep.base_row``, ``run_sweep``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main() -> None:
 
     from adapters.evaluate.methods import (adapter_method, base_method, prompting_method, random_vectors,
                                            vector_method)
-    from adapters.evaluate.sweep import _scores, score_method
+    from adapters.evaluate.sweep import _scores, base_row, score_method
     from adapters.hidden import output_dim, resolve
     from adapters.probes import load_probe, neutral_texts
     from adapters.tuners import attach
@@ -101,8 +102,8 @@ def main() -> None:
                 for m in every]
 
     def ours():
-        base = score_method(model, tok, base_method(model), probes, neutral, ev.batch_size)
-        return [_scores(model, tok, m, probes, neutral, ev.batch_size, base) for m in every]
+        base, store = base_row(model, tok, every, probes, neutral, ev.batch_size)
+        return [_scores(model, tok, m, probes, neutral, ev.batch_size, base, store) for m in every]
 
     times, out = {"looped": [], "ours": []}, {}
     for _ in range(args.repeats):

@@ -3,6 +3,7 @@ equal to the per-coefficient loop, baselines, report files, and the eval / sweep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -76,7 +77,7 @@ def test_the_sweep_applies_the_validity_rule(monkeypatch):
     mass = np.array([[0.4, 0.4], [0.5, 0.5], [0.3, 0.3], [0.5, 0.5]])  # 0.8, 1, 0.6, 1 of the base
     nll = np.array([2.0, 2.0, 2.5, 3.5])  # ΔNLL 0, 0, 0.5, 1.5
 
-    def fake_score(model, tok, m, probes, neutral, batch_size):
+    def fake_score(model, tok, m, probes, neutral, batch_size, store=None):
         i = [coeffs.index(c) for c in m.coeffs]
         return {"p": y[i]}, {"p": mass[i]}, nll[i]
 
@@ -99,7 +100,7 @@ def test_the_base_row_is_scored_once_for_every_method(monkeypatch):
     row; a method that says otherwise (zero_is_base False) is scored at its own c = 0."""
     calls = []
 
-    def fake_score(model, tok, m, probes, neutral, batch_size):
+    def fake_score(model, tok, m, probes, neutral, batch_size, store=None):
         calls.append((m.name, list(m.coeffs)))
         cs = np.array(m.coeffs) + (0.25 if m.name == "own" else 0.0)  # "own" has its own c = 0 row
         return {"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, 2.0 + np.abs(cs)
@@ -127,14 +128,15 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
     coeffs = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
     dnll = lambda c: 0.005 * c * c if c >= 0 else -10.0 * c  # noqa: E731
 
-    def fake_score(model, tok, m, probes, neutral, batch_size):
+    def fake_score(model, tok, m, probes, neutral, batch_size, store=None):
         cs = np.array(m.coeffs)
         return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))},
                 np.array([2.0 + dnll(c) for c in cs]))
 
     calls = []
     monkeypatch.setattr(sweep, "score_method", fake_score)
-    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: calls.append(c) or dnll(c))
+    monkeypatch.setattr(sweep, "_neutral_dnll",
+                        lambda model, tok, m, neutral, c, base, bs, store=None: calls.append(c) or dnll(c))
     monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
     probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=4, shift_reach=4.0)
@@ -157,13 +159,13 @@ def test_the_budget_search_stops_where_the_outputs_break(monkeypatch):
     dnll = lambda c: 0.001 * c * c if abs(c) <= 6 else math.inf  # noqa: E731
     scored = []
 
-    def fake_score(model, tok, m, probes, neutral, batch_size):
+    def fake_score(model, tok, m, probes, neutral, batch_size, store=None):
         scored.extend(m.coeffs)
         cs = np.array(m.coeffs)
         return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, np.array([2.0 + dnll(c) for c in cs]))
 
     monkeypatch.setattr(sweep, "score_method", fake_score)
-    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs: dnll(c))
+    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs, store=None: dnll(c))
     monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
     probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
@@ -239,6 +241,41 @@ def test_held_out_separation_in_one_batched_pass_equals_one_pass_per_coefficient
         for key in ("separation", "agreement", "shift"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
     assert any(abs(r["shift"]) > 1e-3 for r in batched if r["coeff"] != 0.0), "the adapter does not move the states"
+
+
+def test_every_pass_over_an_input_the_base_row_saw_starts_at_the_methods_first_layer(tiny, tiny_directions,
+                                                                                     monkeypatch):
+    """The sweep's base row keeps its states below each method's first steered layer (the adapter
+    from layer 2, the PCA vector from layer 1); every grid, search and probe pass over the same
+    items then starts there: the report is bitwise the one computed without, with fewer rows
+    through layer 0."""
+    from adapters import hidden
+    from adapters.evaluate import sweep
+
+    model, tok = tiny
+    model, _ = attach_random(model, "lora", std=0.3, depth=[0.5, 1.0])
+    methods = [adapter_method(model, [-1.0, 0.0, 1.0]),
+               vector_method(model, pca_vectors(tiny_directions), [-1.0, 0.0, 1.0])]
+    assert [m.prefix for m in methods] == [2, 1]
+    cfg = EvalConfig(coeffs=[-1.0, 0.0, 1.0], n_boot=10, neutral_items=3, shift_search=2, shift_budget=1e-4)
+    layer0 = hidden.decoder_layers(model)[0]
+    rows = []
+    handle = layer0.register_forward_hook(lambda _m, args, out: rows.append(hidden.output_tensor(out).shape[0]))
+    kept = []
+    keep = hidden.keep_prefix
+    monkeypatch.setattr(hidden, "keep_prefix", lambda model, store: kept.append(store) or keep(model, store))
+    try:
+        got = sweep.run_sweep(model, tok, methods, [_probe(tok)], cfg, log=lambda *_: None)
+        with_store = sum(rows)
+        rows.clear()
+        monkeypatch.setattr(hidden, "keep_prefix", lambda model, store: contextlib.nullcontext())
+        want = sweep.run_sweep(model, tok, methods, [_probe(tok)], cfg, log=lambda *_: None)
+    finally:
+        handle.remove()
+    assert kept[0].layers == [1, 2] and {layer for _, layer in kept[0].states} == {1, 2}
+    assert any(r["search"] for r in want.rows), "the budget search added no coefficient"
+    assert got.rows == want.rows and got.summary == want.summary
+    assert with_store < sum(rows), (with_store, sum(rows))
 
 
 def test_a_kind_without_per_example_coefficients_loops(tiny):

@@ -40,7 +40,8 @@ def _logits(model, seqs, pad_id, keep, ctx, coeffs):
     ids, attn = pad_left(seqs, pad_id)
     with ctx(coeffs) if ctx else contextlib.nullcontext():
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep).logits
-    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    flat = logits.flatten(1)  # a row is finite where its largest and smallest logits are (NaN propagates)
+    bad = ~(torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1)))
     if bool(bad.any()):
         cs = sorted({float(c) for c, b in zip(coeffs, bad.tolist()) if b})
         raise NonFiniteOutputs(f"the model's outputs are not finite at coefficient {', '.join(f'{c:+g}' for c in cs)}")
@@ -72,7 +73,8 @@ def continuation_logprobs(model, tokenizer, systems, users, prefixes, conts, coe
         k = max(n_cont[sl]) + 1
         ids, logits = _logits(model, seqs[sl], tokenizer.pad_token_id, k, ctx, coeffs[sl])
         tgt = ids[:, -(k - 1):]  # logits predict the last k-1 tokens
-        lp = -torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, reduction="none").cpu()
+        x = logits[:, :-1].float()  # log-softmax at the targets only, without the full (rows, k-1, V) log-probs
+        lp = (x.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)).cpu()
         for j, n in enumerate(n_cont[sl]):
             total.append(float(lp[j, -n:].sum()))
             count.append(n)
@@ -83,7 +85,8 @@ def _no_system(c) -> str:
     return ""
 
 
-def probe_scores(model, tokenizer, probe: Probe | ContinuationProbe, coeffs=(0.0,), system=_no_system, batch_size: int = 16, ctx=None):
+def probe_scores(model, tokenizer, probe: Probe | ContinuationProbe, coeffs=(0.0,), system=_no_system,
+                 batch_size: int = 16, ctx=None):
     """y (positive minus negative log-prob) and the answer mass P(pos) + P(neg), each
     (len(coeffs), n_items). One forward pass holds ``batch_size`` items at every coefficient."""
     idx, cs, systems = _rows(len(probe.user), coeffs, system)

@@ -39,21 +39,24 @@ from .scoring import NonFiniteOutputs, neutral_nll, probe_scores
 
 
 @contextlib.contextmanager
-def _per_row(model, m: Method, coeffs: list[float], prefix: int, group: int):
+def _per_row(model, m: Method, coeffs: list[float], prefix: int, group: int, store: hidden.PrefixStore | None = None):
     """A block in which a per-example method runs each row at its own coefficient of ``coeffs``,
-    and the decoder layers below ``prefix`` once per run of ``group`` identical rows."""
+    and the decoder layers below ``prefix`` once per run of ``group`` identical rows (not at all
+    for an input whose state there ``store`` holds)."""
     device = next(model.parameters()).device
-    with m.ctx(torch.tensor(coeffs, dtype=torch.float32, device=device)), hidden.shared_prefix(model, prefix, group):
+    with (m.ctx(torch.tensor(coeffs, dtype=torch.float32, device=device)),
+          hidden.shared_prefix(model, prefix, group, store)):
         yield
 
 
 def score_method(model, tokenizer, m: Method, probes: list[Probe | ContinuationProbe], neutral: list[str],
-                 batch_size: int = 16):
+                 batch_size: int = 16, store: hidden.PrefixStore | None = None):
     """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient
-    (None with ``neutral`` None)."""
+    (None with ``neutral`` None). ``store``: the base model's states below the method's first
+    steered layer, for the inputs it holds (``run_sweep``)."""
     if m.per_example:  # one group: every coefficient in the same forward passes
         share = len(m.coeffs) if m.system is None else 1  # an item's rows differ only by c: one prefix
-        groups = [(list(m.coeffs), contextlib.nullcontext, lambda cs: _per_row(model, m, cs, m.prefix, share))]
+        groups = [(list(m.coeffs), contextlib.nullcontext, lambda cs: _per_row(model, m, cs, m.prefix, share, store))]
     else:
         groups = [([c], lambda c=c: m.ctx(c), None) for c in m.coeffs]
     ys, masses, nlls = {p.kind: [] for p in probes}, {p.kind: [] for p in probes}, []
@@ -69,13 +72,14 @@ def score_method(model, tokenizer, m: Method, probes: list[Probe | ContinuationP
     return cat(ys), cat(masses), torch.cat(nlls).numpy() if nlls else None
 
 
-def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, base_nll: float, batch_size: int) -> float:
+def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, base_nll: float, batch_size: int,
+                  store: hidden.PrefixStore | None = None) -> float:
     """Neutral-text ΔNLL of method ``m`` at one coefficient (inf where the outputs are not finite:
     the model is broken there, past any budget)."""
     try:
         if m.per_example:
             nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
-                              lambda cs: _per_row(model, m, cs, 0, 1))
+                              lambda cs: _per_row(model, m, cs, m.prefix, 1, store))
         else:
             with m.ctx(c):
                 nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
@@ -94,7 +98,7 @@ def _crossing(a1: float, d1: float, a2: float, d2: float, budget: float) -> floa
 
 
 def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: dict[float, float], base_nll: float,
-                  eval_cfg: EvalConfig) -> dict[float, float]:
+                  eval_cfg: EvalConfig, store: hidden.PrefixStore | None = None) -> dict[float, float]:
     """Coefficients beyond the grid that locate, in each direction, where neutral ΔNLL crosses
     ``eval_cfg.shift_budget``, with at most ``eval_cfg.shift_search`` evaluations per direction. ΔNLL is
     modelled as k·|c|^e through the two points nearest the crossing: past the grid's end the model
@@ -140,7 +144,7 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
                     guess = ao * math.sqrt(budget / do)
                 w = ao - a1
                 a = (a1 + ao) / 2 if guess is None else min(max(guess, a1 + 0.1 * w), ao - 0.1 * w)
-            d = found[sign * a] = _neutral_dnll(model, tokenizer, m, neutral, sign * a, base_nll, bs)
+            d = found[sign * a] = _neutral_dnll(model, tokenizer, m, neutral, sign * a, base_nll, bs, store)
             if d <= budget:
                 known.append((a, d))
             else:
@@ -148,17 +152,17 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
-def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size: int, base):
+def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size: int, base, store=None):
     """``score_method`` of ``m`` over its coefficients, its c = 0 row taken from ``base`` (the base
     model's scores, computed once for every method) where ``m.zero_is_base``."""
     if not m.zero_is_base:
-        return score_method(model, tokenizer, m, probes, neutral, batch_size)
+        return score_method(model, tokenizer, m, probes, neutral, batch_size, store)
     rest = [c for c in m.coeffs if c != 0.0]
     if not rest:
         ys, masses, nlls = base
     else:
         ys, masses, nlls = score_method(model, tokenizer, dataclasses.replace(m, coeffs=rest), probes, neutral,
-                                        batch_size)
+                                        batch_size, store)
     # row j: the base row where c = 0, else the next of the method's own rows (their order is m.coeffs')
     rows = np.cumsum([c != 0.0 for c in m.coeffs]) - 1
     take = lambda own, shared: np.stack([shared[0] if c == 0.0 else own[r]  # noqa: E731
@@ -167,19 +171,28 @@ def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size:
             take(nlls, base[2]))
 
 
+def base_row(model, tokenizer, methods: list[Method], probes, neutral: list[str], batch_size: int):
+    """Every method's c = 0 row (the base model), scored once for all (None, None when no method
+    takes it), and the ``PrefixStore`` of its states below each method's first steered layer:
+    every later pass over the same probe items or neutral paragraphs starts there."""
+    if not any(m.zero_is_base for m in methods):
+        return None, None
+    store = hidden.PrefixStore(m.prefix for m in methods if m.per_example and m.system is None)
+    try:
+        with hidden.keep_prefix(model, store):
+            return score_method(model, tokenizer, base_method(model), probes, neutral, batch_size), store
+    except NonFiniteOutputs as e:
+        raise NonFiniteOutputs(f"base: {e}") from None
+
+
 def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | ContinuationProbe], eval_cfg: EvalConfig,
               log=log.info) -> Report:
     neutral = neutral_texts(eval_cfg.neutral, eval_cfg.neutral_items)
     report = Report()
-    base = None
-    if any(m.zero_is_base for m in methods):  # every method's c = 0 row: the base model, scored once
-        try:
-            base = score_method(model, tokenizer, base_method(model), probes, neutral, eval_cfg.batch_size)
-        except NonFiniteOutputs as e:
-            raise NonFiniteOutputs(f"base: {e}") from None
+    base, store = base_row(model, tokenizer, methods, probes, neutral, eval_cfg.batch_size)
     for m in progress(methods, "evaluation", unit="method"):
         try:
-            ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base)
+            ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base, store)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{m.name}: {e}; sweep smaller coefficients (eval.coeffs)") from None
         coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
@@ -187,11 +200,11 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
         found = {}
         if m.scalable and eval_cfg.shift_search > 0:
             found = budget_search(model, tokenizer, m, neutral, {c: float(n) - base_nll for c, n in zip(coeffs, nlls)},
-                                  base_nll, eval_cfg)
+                                  base_nll, eval_cfg, store)
         extra = [c for c, d in found.items() if math.isfinite(d)]  # not where the model broke
         if extra:  # the probes at the search's coefficients (their ΔNLL is known)
             ys2, masses2, _ = score_method(model, tokenizer, dataclasses.replace(m, coeffs=extra), probes, None,
-                                           eval_cfg.batch_size)
+                                           eval_cfg.batch_size, store)
             ys = {k: np.concatenate([ys[k], ys2[k]]) for k in ys}
             masses = {k: np.concatenate([masses[k], masses2[k]]) for k in masses}
             nlls = np.concatenate([nlls, [base_nll + found[c] for c in extra]])
