@@ -12,7 +12,8 @@ Each step, on a batch [pos; neg] of pairs:
   3. with behaviour terms on, ``behaviour.batch_size`` prompts (each with its y_h and y_d, half
      of them at +|c| and half at -|c|) give the preference and distillation terms, and
      ``behaviour.neutral_batch`` neutral passages (signed the same way) give the KL barrier
-     against a no-grad base pass.
+     against the base model's log-probs: its output layer on the final hidden states of each
+     passage, kept for the run (one no-grad pass per chunk of passages, not one per step).
 Only adapter parameters are in the optimiser. The base-weights checksum is verified at fit
 start, after every validation and at fit end.
 """
@@ -34,6 +35,7 @@ from .models import BaseChecksum
 from .steer import steer
 
 COEFFS = (1.0, -1.0)  # the two signs every step trains
+NEUTRAL_CHUNK = 8  # neutral passages whose base states one no-grad pass computes (``_neutral_chunk``)
 
 
 class TrainingError(RuntimeError):
@@ -109,6 +111,7 @@ class ContrastiveModule(L.LightningModule):
         for i, layer in enumerate(self.layers):
             self.register_buffer(f"ref_{i}", directions.v(layer).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
+        self._neutral_states: dict[int, torch.Tensor] | None = {}
         self._val_cache: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
@@ -266,17 +269,65 @@ class ContrastiveModule(L.LightningModule):
 
     def neutral_terms(self, step: int) -> dict[str, torch.Tensor]:
         """The KL barrier on this step's neutral passages, each at its own signed coefficient,
-        against a no-grad base pass."""
+        against the base model's log-probs (``_neutral_base``)."""
         picks, cs = self._shard("neutral", self.neutral["input_ids"].shape[0], self.behaviour_cfg.neutral_batch, step)
         device = self.ref_0.device
         b = {k: v[picks].to(device) for k, v in self.neutral.items()}
         keep = int(b["mask"].sum(1).max()) + 1
         cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())  # padding in every row
         ids, attn, mask = b["input_ids"][:, cut:], b["attention_mask"][:, cut:], b["mask"][:, cut:]
-        with torch.no_grad(), steer(self.model, 0.0):
-            base = completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
+        base = self._neutral_base(picks, keep)
+        if base is None:  # a model whose logits are not its output layer's
+            with torch.no_grad(), steer(self.model, 0.0):
+                base = completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
         logp = self._logprobs_at(ids, attn, torch.tensor(cs, device=device), keep)
         return kl_barrier(logp, base, mask[:, -(keep - 1):], self.loss_cfg.kl_margin)
+
+    def _neutral_chunk(self, j: int) -> None:
+        """Keep the base model's final hidden states (its output layer's input) at the last n + 1
+        positions of each neutral passage of chunk j (n: its text tokens), from one no-grad pass;
+        give up keeping (``_neutral_states`` None) for a model whose logits are not that layer's
+        output on them."""
+        n_all = self.neutral["input_ids"].shape[0]
+        rows = list(range(j * NEUTRAL_CHUNK, min(n_all, (j + 1) * NEUTRAL_CHUNK)))
+        b = {k: v[rows].to(self.ref_0.device) for k, v in self.neutral.items()}
+        n = [int(x) for x in b["mask"].sum(1)]
+        keep = max(n) + 1
+        cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())
+        head = hidden.base_model_of(self.model).get_output_embeddings()
+        got = {}
+        handle = head.register_forward_pre_hook(lambda _mod, args: got.__setitem__("h", args[0].detach()))
+        try:
+            with torch.no_grad(), steer(self.model, 0.0):
+                logits = self.model(input_ids=b["input_ids"][:, cut:], attention_mask=b["attention_mask"][:, cut:],
+                                    logits_to_keep=keep).logits
+                h = got.get("h")
+                exact = h is not None and h.shape[:2] == logits.shape[:2] and torch.equal(head(h), logits)
+        finally:
+            handle.remove()
+        if not exact:
+            self._neutral_states = None
+            return
+        for r, i in enumerate(rows):
+            self._neutral_states[i] = h[r, keep - n[r] - 1:]
+
+    def _neutral_base(self, picks: list[int], keep: int) -> torch.Tensor | None:
+        """The base model's log-probs (R, keep - 1, V) on neutral passages ``picks``, right-aligned
+        as ``neutral_terms`` lays them out: its output layer on the final hidden states kept per
+        passage (``_neutral_chunk``), so no step runs a base pass. The states are computed in fixed
+        chunks of NEUTRAL_CHUNK passages, the first time one of a chunk is drawn: a resumed or
+        data-parallel run gets the same values. None where they cannot be kept."""
+        for j in sorted({i // NEUTRAL_CHUNK for i in picks}):
+            if self._neutral_states is not None and (j * NEUTRAL_CHUNK) not in self._neutral_states:
+                self._neutral_chunk(j)
+        if self._neutral_states is None:
+            return None
+        states = [self._neutral_states[i] for i in picks]
+        hs = states[0].new_zeros(len(picks), keep, states[0].shape[-1])  # zeros before a shorter passage's text
+        for r, h in enumerate(states):
+            hs[r, keep - h.shape[0]:] = h
+        with torch.no_grad(), steer(self.model, 0.0):
+            return completion_logprobs(hidden.base_model_of(self.model).get_output_embeddings()(hs))
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from adapters import behaviour as bh
+from adapters import hidden
 from adapters.config import BehaviourConfig, DataConfig, LossConfig, TrainConfig
 from adapters.data import PairsError, load_pairs
 from adapters.evaluate.metrics import shift_within, summarize
 from adapters.loss import (distill_target, distill_terms, kl_barrier, preference_terms, project, projection_terms,
                            support_logprobs)
+from adapters.steer import steer
 from conftest import make_pairs
 
 
@@ -252,6 +254,64 @@ def test_terms_at_init(tiny, tiny_directions):
     student = support_logprobs(torch.log_softmax(logits[:, :-1].float(), -1), b["idx"])
     zero = distill_terms(student, distill_target(b["lp"], b["rest"], torch.zeros(6)), b["mask"])
     assert zero["distill"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_the_kl_barriers_base_log_probs_from_kept_final_states_equal_a_base_pass(tiny, tiny_directions, monkeypatch,
+                                                                                 rescaled):
+    """The KL barrier's base log-probs come from the base model's final hidden states, kept per
+    neutral passage in fixed chunks: equal to a base pass over the step's own batch on the text
+    positions, computed once per chunk. A model whose logits are not its output layer's (here
+    doubled after it) gives up keeping and runs the base pass every step."""
+    from conftest import randomize
+
+    from adapters import module
+    from adapters.models import BaseChecksum
+    from adapters.tuners import attach
+    from conftest import tiny_adapter_cfg
+
+    model, tok = tiny
+    monkeypatch.setattr(module, "NEUTRAL_CHUNK", 2)
+    texts = ["The river runs to the sea.", "A gear turns a wheel.", "Snow fell on the quiet hills all night long.",
+             "Bread rises in a warm kitchen.", "Birds sing."]
+    neutral = bh.neutral_batch(tok, texts)
+    p = [bh.BehaviourPrompt("Why?", "Be honest. Why?", "Lie. Why?")]
+    items = bh.teacher(model, tok, bh.Completions(p, [" a b"], [" c d"]), 8, log=lambda *_: None)
+    model, adapter = attach(model, tiny_adapter_cfg("lora"), tiny_directions)
+    randomize(adapter, std=0.2)
+    loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=1.0, kl_margin=0.0, coeffs=[0.5, 2.0])
+    system = module.ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),
+                                      behaviour=items, neutral=neutral, behaviour_cfg=BehaviourConfig(neutral_batch=2),
+                                      pad_id=tok.pad_token_id)
+    if rescaled:
+        forward = model.forward
+
+        def doubled(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+        monkeypatch.setattr(model, "forward", doubled)
+    passes = []
+    handle = hidden.decoder_layers(model)[0].register_forward_hook(lambda *_: passes.append(1))
+    try:
+        for picks in ([3, 0], [2, 4], [0, 3]):
+            b = {k: v[picks] for k, v in neutral.items()}
+            keep = int(b["mask"].sum(1).max()) + 1
+            cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())
+            with torch.no_grad(), steer(model, 0.0):
+                logits = model(input_ids=b["input_ids"][:, cut:], attention_mask=b["attention_mask"][:, cut:],
+                               logits_to_keep=keep).logits
+            want = torch.log_softmax(logits[:, :-1], -1)
+            got = system._neutral_base(picks, keep)
+            if rescaled:
+                assert got is None
+                continue
+            text = b["mask"][:, cut:][:, -(keep - 1):]
+            torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    # three chunks of two passages, each computed once (and nothing more once keeping is given up)
+    assert len(passes) == 3 + (1 if rescaled else 3), len(passes)
 
 
 def test_batched_teacher_equals_one_at_a_time(tiny):
