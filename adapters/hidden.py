@@ -156,9 +156,10 @@ _BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
 
 class PrefixStore:
     """Hidden states entering some decoder layers, per input (a pass's distinct rows: their token
-    ids and attention mask), kept by an unsteered pass (``keep_prefix``). A later pass over the
-    same input whose steering leaves the layers below one of them alone starts there
-    (``shared_prefix(..., store=)``): layers below it run on one row, not on every row."""
+    ids and attention mask), kept by a base-model pass (``keep_prefix``). A later pass over the
+    same input whose layers below one of them are the base model's starts there
+    (``shared_prefix(..., store=)``): layers below it run on one row, not on every row. Held on
+    the model's device until the store is dropped (one evaluation)."""
 
     def __init__(self, layers):
         self.layers = sorted({int(i) for i in layers if i > 0})
@@ -198,7 +199,7 @@ def keep_prefix(model: nn.Module, store: PrefixStore) -> Iterator[None]:
     def keep(i):
         def hook(_mod, args):
             if state.get("key") is not None:
-                store.states[(state["key"], i)] = args[0].detach()
+                store.states[(state["key"], i)] = args[0].detach().clone()
         return hook
 
     handles = [stack.register_forward_pre_hook(key, with_kwargs=True)]

@@ -112,7 +112,7 @@ class ContrastiveModule(L.LightningModule):
             self.register_buffer(f"ref_{i}", directions.v(layer).float().clone(), persistent=False)
         self.base_cache = BaseCache(self.layers)
         self._neutral_states: dict[int, torch.Tensor] | None = {}
-        self._val_cache: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._val_cache: dict[bytes, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
 
@@ -295,8 +295,13 @@ class ContrastiveModule(L.LightningModule):
         keep = max(n) + 1
         cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())
         head = hidden.base_model_of(self.model).get_output_embeddings()
+        if head is None:
+            self._neutral_states = None
+            return
         got = {}
         handle = head.register_forward_pre_hook(lambda _mod, args: got.__setitem__("h", args[0].detach()))
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # no dropout: the same states whenever a chunk is first drawn
         try:
             with torch.no_grad(), steer(self.model, 0.0):
                 logits = self.model(input_ids=b["input_ids"][:, cut:], attention_mask=b["attention_mask"][:, cut:],
@@ -305,6 +310,8 @@ class ContrastiveModule(L.LightningModule):
                 exact = h is not None and h.shape[:2] == logits.shape[:2] and torch.equal(head(h), logits)
         finally:
             handle.remove()
+            for m, mode in modes:
+                m.training = mode
         if not exact:
             self._neutral_states = None
             return
@@ -314,9 +321,10 @@ class ContrastiveModule(L.LightningModule):
     def _neutral_base(self, picks: list[int], keep: int) -> torch.Tensor | None:
         """The base model's log-probs (R, keep - 1, V) on neutral passages ``picks``, right-aligned
         as ``neutral_terms`` lays them out: its output layer on the final hidden states kept per
-        passage (``_neutral_chunk``), so no step runs a base pass. The states are computed in fixed
-        chunks of NEUTRAL_CHUNK passages, the first time one of a chunk is drawn: a resumed or
-        data-parallel run gets the same values. None where they cannot be kept."""
+        passage (``_neutral_chunk``). The states are computed in fixed chunks of NEUTRAL_CHUNK
+        passages, the first time one of a chunk is drawn (a base pass over that chunk, not one per
+        step): a resumed or data-parallel run gets the same values. None where they cannot be kept
+        (no output layer, or logits that are not its output): the step then runs a base pass."""
         for j in sorted({i // NEUTRAL_CHUNK for i in picks}):
             if self._neutral_states is not None and (j * NEUTRAL_CHUNK) not in self._neutral_states:
                 self._neutral_chunk(j)
@@ -362,10 +370,10 @@ class ContrastiveModule(L.LightningModule):
         """The base model's last-token hidden states {layer: (2B, D)} and NLL (2B, T) of a validation
         batch: computed at the first validation, reused by every later one (the base never changes
         and the validation batches are the same every time)."""
-        key = tuple(int(i) for i in batch["index"])
+        key = hidden.PrefixStore.key(batch["input_ids"], batch["attention_mask"])
         if key not in self._val_cache:
             h, nll = self._forward(batch, 0.0)
-            self._val_cache[key] = ({layer: t[:, -1].float() for layer, t in h.items()}, nll)
+            self._val_cache[key] = ({layer: t[:, -1].float().clone() for layer, t in h.items()}, nll)
         return self._val_cache[key]
 
     @torch.no_grad()

@@ -256,13 +256,14 @@ def test_terms_at_init(tiny, tiny_directions):
     assert zero["distill"].item() == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("rescaled", [False, True])
+@pytest.mark.parametrize("model_kind", ["plain", "rescaled", "no_output_layer"])
 def test_the_kl_barriers_base_log_probs_from_kept_final_states_equal_a_base_pass(tiny, tiny_directions, monkeypatch,
-                                                                                 rescaled):
+                                                                                 model_kind):
     """The KL barrier's base log-probs come from the base model's final hidden states, kept per
     neutral passage in fixed chunks: equal to a base pass over the step's own batch on the text
     positions, computed once per chunk. A model whose logits are not its output layer's (here
-    doubled after it) gives up keeping and runs the base pass every step."""
+    doubled after it), or that names no output layer, gives up keeping (the step then runs the
+    base pass)."""
     from conftest import randomize
 
     from adapters import module
@@ -283,7 +284,10 @@ def test_the_kl_barriers_base_log_probs_from_kept_final_states_equal_a_base_pass
     system = module.ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),
                                       behaviour=items, neutral=neutral, behaviour_cfg=BehaviourConfig(neutral_batch=2),
                                       pad_id=tok.pad_token_id)
-    if rescaled:
+    rescaled = model_kind != "plain"
+    if model_kind == "no_output_layer":
+        monkeypatch.setattr(hidden.base_model_of(model), "get_output_embeddings", lambda: None)
+    elif rescaled:
         forward = model.forward
 
         def doubled(*args, **kwargs):
@@ -311,7 +315,7 @@ def test_the_kl_barriers_base_log_probs_from_kept_final_states_equal_a_base_pass
     finally:
         handle.remove()
     # three chunks of two passages, each computed once (and nothing more once keeping is given up)
-    assert len(passes) == 3 + (1 if rescaled else 3), len(passes)
+    assert len(passes) == 3 + {"plain": 3, "rescaled": 1, "no_output_layer": 0}[model_kind], len(passes)
 
 
 def test_batched_teacher_equals_one_at_a_time(tiny):

@@ -197,11 +197,29 @@ def test_validation_equals_one_plain_pass_per_coefficient_and_runs_the_base_once
     coefficients; the base pass (c = 0) runs at the first validation only."""
     from conftest import randomize
 
+    _, adapter, system, train, val = setup_system(tiny, tiny_directions, kind, depth)
+    randomize(adapter, std=0.2)
+    batches = [next(iter(val)), next(iter(train))]  # two batches: each keeps its own base pass
+    wants = [_plain_validation(system, b) for b in batches]
+    got, calls = {}, []
+    monkeypatch.setattr(system, "log", lambda name, value, **kw: got.__setitem__(name, value))
+    forward = system._forward
+    monkeypatch.setattr(system, "_forward", lambda b, c: calls.append(c) or forward(b, c))
+    for _ in range(2):
+        for batch, want in zip(batches, wants):
+            got.clear()
+            system.validation_step(batch, 0)
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-5)
+    zeros = [c for c in calls if isinstance(c, float) and c == 0.0]
+    assert len(zeros) == 2, calls  # each batch's base pass once, at the first validation
+    assert len(calls) == 2 * (3 if adapter.per_example else 5), calls
+
+
+def _plain_validation(system, batch) -> dict:
     from adapters.loss import masked_mean
 
-    _, adapter, system, _, val = setup_system(tiny, tiny_directions, kind, depth)
-    randomize(adapter, std=0.2)
-    batch = next(iter(val))
     want = {}
     with torch.no_grad():
         h0, nll0 = system._forward(batch, 0.0)
@@ -212,19 +230,7 @@ def test_validation_equals_one_plain_pass_per_coefficient_and_runs_the_base_once
                 want[f"val/sep@{c:+g}/{l}"] = (((pos - neg) @ system.vectors[l]) / system.scale[l]).mean()
             if c:
                 want[f"val/dnll@{c:+g}"] = masked_mean(nll - nll0, batch["suffix_mask"], (0, 1))
-    got, calls = {}, []
-    monkeypatch.setattr(system, "log", lambda name, value, **kw: got.__setitem__(name, value))
-    forward = system._forward
-    monkeypatch.setattr(system, "_forward", lambda b, c: calls.append(c) or forward(b, c))
-    for _ in range(2):
-        got.clear()
-        system.validation_step(batch, 0)
-        assert got.keys() == want.keys()
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-5)
-    zeros = [c for c in calls if isinstance(c, float) and c == 0.0]
-    assert len(zeros) == 1, calls  # the base pass once, at the first validation
-    assert len(calls) == (3 if adapter.per_example else 5), calls
+    return want
 
 
 @pytest.mark.parametrize("kind", [k for k, cls in KINDS.items() if cls.per_example])

@@ -52,8 +52,9 @@ def _per_row(model, m: Method, coeffs: list[float], prefix: int, group: int, sto
 def score_method(model, tokenizer, m: Method, probes: list[Probe | ContinuationProbe], neutral: list[str],
                  batch_size: int = 16, store: hidden.PrefixStore | None = None):
     """y and mass per probe, (len(m.coeffs), n_items) each, and neutral NLL per coefficient
-    (None with ``neutral`` None). ``store``: the base model's states below the method's first
-    steered layer, for the inputs it holds (``run_sweep``)."""
+    (None with ``neutral`` None). ``store``: the base model's states entering the method's first
+    steered layer, for the inputs it holds (``base_row``); only for a method whose layers below
+    it are the base model's."""
     if m.per_example:  # one group: every coefficient in the same forward passes
         share = len(m.coeffs) if m.system is None else 1  # an item's rows differ only by c: one prefix
         groups = [(list(m.coeffs), contextlib.nullcontext, lambda cs: _per_row(model, m, cs, m.prefix, share, store))]
@@ -173,8 +174,9 @@ def _scores(model, tokenizer, m: Method, probes, neutral: list[str], batch_size:
 
 def base_row(model, tokenizer, methods: list[Method], probes, neutral: list[str], batch_size: int):
     """Every method's c = 0 row (the base model), scored once for all (None, None when no method
-    takes it), and the ``PrefixStore`` of its states below each method's first steered layer:
-    every later pass over the same probe items or neutral paragraphs starts there."""
+    takes it), and the ``PrefixStore`` of its states entering each per-example method's first
+    steered layer: every later pass of such a method over the same probe items or neutral
+    paragraphs starts there."""
     if not any(m.zero_is_base for m in methods):
         return None, None
     store = hidden.PrefixStore(m.prefix for m in methods if m.per_example and m.system is None)
@@ -191,8 +193,9 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
     report = Report()
     base, store = base_row(model, tokenizer, methods, probes, neutral, eval_cfg.batch_size)
     for m in progress(methods, "evaluation", unit="method"):
+        kept = store if m.zero_is_base else None  # its layers below m.prefix are the base model's
         try:
-            ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base, store)
+            ys, masses, nlls = _scores(model, tokenizer, m, probes, neutral, eval_cfg.batch_size, base, kept)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{m.name}: {e}; sweep smaller coefficients (eval.coeffs)") from None
         coeffs, i0 = list(m.coeffs), m.coeffs.index(0.0)
@@ -200,11 +203,11 @@ def run_sweep(model, tokenizer, methods: list[Method], probes: list[Probe | Cont
         found = {}
         if m.scalable and eval_cfg.shift_search > 0:
             found = budget_search(model, tokenizer, m, neutral, {c: float(n) - base_nll for c, n in zip(coeffs, nlls)},
-                                  base_nll, eval_cfg, store)
+                                  base_nll, eval_cfg, kept)
         extra = [c for c, d in found.items() if math.isfinite(d)]  # not where the model broke
         if extra:  # the probes at the search's coefficients (their ΔNLL is known)
             ys2, masses2, _ = score_method(model, tokenizer, dataclasses.replace(m, coeffs=extra), probes, None,
-                                           eval_cfg.batch_size, store)
+                                           eval_cfg.batch_size, kept)
             ys = {k: np.concatenate([ys[k], ys2[k]]) for k in ys}
             masses = {k: np.concatenate([masses[k], masses2[k]]) for k in masses}
             nlls = np.concatenate([nlls, [base_nll + found[c] for c in extra]])
