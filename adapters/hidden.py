@@ -106,8 +106,7 @@ def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor
     """
     if on not in ("output", "input"):
         raise ValueError(f"hooks(on=...) must be 'output' or 'input', got {on!r}")
-    handles = []
-    try:
+    with contextlib.ExitStack() as registered:
         for name, fn in fns.items():
             mod = get_module(model, name)
             if on == "output":
@@ -115,17 +114,14 @@ def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor
                     new = fn(output_tensor(output))
                     return None if new is None else replace_output(output, new)
 
-                handles.append(mod.register_forward_hook(hook))
+                registered.callback(mod.register_forward_hook(hook).remove)
             else:
                 def pre_hook(_mod, args, fn=fn):
                     new = fn(args[0])
                     return None if new is None else (new,) + tuple(args[1:])
 
-                handles.append(mod.register_forward_pre_hook(pre_hook))
+                registered.callback(mod.register_forward_pre_hook(pre_hook).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def decoder_stack(model: nn.Module) -> nn.Module | None:
@@ -202,13 +198,12 @@ def keep_prefix(model: nn.Module, store: PrefixStore) -> Iterator[None]:
                 store.states[(state["key"], i)] = args[0].detach().clone()
         return hook
 
-    handles = [stack.register_forward_pre_hook(key, with_kwargs=True)]
-    handles += [layers[i].register_forward_pre_hook(keep(i)) for i in store.layers if i < len(layers)]
-    try:
+    with contextlib.ExitStack() as registered:
+        registered.callback(stack.register_forward_pre_hook(key, with_kwargs=True).remove)
+        for i in store.layers:
+            if i < len(layers):
+                registered.callback(layers[i].register_forward_pre_hook(keep(i)).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -255,15 +250,14 @@ def shared_prefix(model: nn.Module, first: int, group: int, store: PrefixStore |
         h = args[0] if kept is None else kept
         return (h.repeat_interleave(group, 0) if group > 1 else h,) + tuple(args[1:]), kwargs
 
-    handles = [stack.register_forward_pre_hook(lookup, with_kwargs=True)] if stack is not None else []
-    handles += [layers[0].register_forward_pre_hook(enter, with_kwargs=True)]
-    handles += [layers[i].register_forward_pre_hook(inside, with_kwargs=True) for i in range(first)]
-    handles.append(layers[first].register_forward_pre_hook(leave, with_kwargs=True))
-    try:
+    with contextlib.ExitStack() as registered:
+        if stack is not None:
+            registered.callback(stack.register_forward_pre_hook(lookup, with_kwargs=True).remove)
+        registered.callback(layers[0].register_forward_pre_hook(enter, with_kwargs=True).remove)
+        for i in range(first):
+            registered.callback(layers[i].register_forward_pre_hook(inside, with_kwargs=True).remove)
+        registered.callback(layers[first].register_forward_pre_hook(leave, with_kwargs=True).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager

@@ -271,17 +271,22 @@ class ContrastiveModule(L.LightningModule):
         """The KL barrier on this step's neutral passages, each at its own signed coefficient,
         against the base model's log-probs (``_neutral_base``)."""
         picks, cs = self._shard("neutral", self.neutral["input_ids"].shape[0], self.behaviour_cfg.neutral_batch, step)
-        device = self.ref_0.device
-        b = {k: v[picks].to(device) for k, v in self.neutral.items()}
-        keep = int(b["mask"].sum(1).max()) + 1
-        cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())  # padding in every row
-        ids, attn, mask = b["input_ids"][:, cut:], b["attention_mask"][:, cut:], b["mask"][:, cut:]
+        ids, attn, mask, keep = self._neutral_rows(picks)
         base = self._neutral_base(picks, keep)
         if base is None:  # a model whose logits are not its output layer's
             with torch.no_grad(), steer(self.model, 0.0):
                 base = completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
-        logp = self._logprobs_at(ids, attn, torch.tensor(cs, device=device), keep)
+        logp = self._logprobs_at(ids, attn, torch.tensor(cs, device=ids.device), keep)
         return kl_barrier(logp, base, mask[:, -(keep - 1):], self.loss_cfg.kl_margin)
+
+    def _neutral_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Input ids, attention mask and text mask (R, T) of neutral passages ``rows`` on the
+        model's device, without the padding every row has, and the logits to keep (the longest
+        text + 1)."""
+        b = {k: v[rows].to(self.ref_0.device) for k, v in self.neutral.items()}
+        cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())
+        keep = int(b["mask"].sum(1).max()) + 1
+        return b["input_ids"][:, cut:], b["attention_mask"][:, cut:], b["mask"][:, cut:], keep
 
     def _neutral_chunk(self, j: int) -> None:
         """Keep the base model's final hidden states (its output layer's input) at the last n + 1
@@ -290,33 +295,29 @@ class ContrastiveModule(L.LightningModule):
         output on them."""
         n_all = self.neutral["input_ids"].shape[0]
         rows = list(range(j * NEUTRAL_CHUNK, min(n_all, (j + 1) * NEUTRAL_CHUNK)))
-        b = {k: v[rows].to(self.ref_0.device) for k, v in self.neutral.items()}
-        n = [int(x) for x in b["mask"].sum(1)]
-        keep = max(n) + 1
-        cut = b["input_ids"].shape[1] - int(b["attention_mask"].sum(1).max())
+        ids, attn, mask, keep = self._neutral_rows(rows)
         head = hidden.base_model_of(self.model).get_output_embeddings()
         if head is None:
             self._neutral_states = None
             return
+        name = next(n for n, m in hidden.base_model_of(self.model).named_modules() if m is head)
         got = {}
-        handle = head.register_forward_pre_hook(lambda _mod, args: got.__setitem__("h", args[0].detach()))
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # no dropout: the same states whenever a chunk is first drawn
         try:
-            with torch.no_grad(), steer(self.model, 0.0):
-                logits = self.model(input_ids=b["input_ids"][:, cut:], attention_mask=b["attention_mask"][:, cut:],
-                                    logits_to_keep=keep).logits
+            with (torch.no_grad(), steer(self.model, 0.0),
+                  hidden.hooks(self.model, {name: lambda h: got.__setitem__("h", h.detach())}, on="input")):
+                logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
                 h = got.get("h")
                 exact = h is not None and h.shape[:2] == logits.shape[:2] and torch.equal(head(h), logits)
         finally:
-            handle.remove()
             for m, mode in modes:
                 m.training = mode
         if not exact:
             self._neutral_states = None
             return
-        for r, i in enumerate(rows):
-            self._neutral_states[i] = h[r, keep - n[r] - 1:]
+        for r, (i, n) in enumerate(zip(rows, mask.sum(1).tolist())):
+            self._neutral_states[i] = h[r, keep - n - 1:]
 
     def _neutral_base(self, picks: list[int], keep: int) -> torch.Tensor | None:
         """The base model's log-probs (R, keep - 1, V) on neutral passages ``picks``, right-aligned
