@@ -155,14 +155,6 @@ def completion_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), -1)
 
 
-def sequence_logprob(logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over the masked positions: logp (R, K-1, V) from ``completion_logprobs``,
-    mask (R, K-1) -> (R,)."""
-    K1 = logp.shape[1]
-    tok = logp.gather(-1, input_ids[:, -K1:].unsqueeze(-1)).squeeze(-1)  # (R, K-1)
-    return (tok * mask).sum(1)
-
-
 def preference_terms(lp_h: torch.Tensor, lp_d: torch.Tensor, ref_h: torch.Tensor, ref_d: torch.Tensor, c,
                      beta: float, gamma: float) -> dict[str, torch.Tensor]:
     """BiPO-style signed preference. lp_* (M,) log π_c of each prompt's two completions, ref_*
@@ -195,12 +187,10 @@ def distill_target(lp: torch.Tensor, rest: torch.Tensor, c, how: str = "persona"
     return torch.log_softmax(z[0] + cr.abs() * (persona - z[0]), -1)
 
 
-def support_logprobs(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The student's log-probs on the support plus its outside bucket: logp (R, K, V), idx
-    (R, K, S) -> (R, K, S + 1)."""
+def support_logprobs(on: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs on the support (R, K, S) with its outside bucket -> (R, K, S + 1)."""
     from .behaviour import log1mexp
 
-    on = logp.gather(-1, idx)
     return torch.cat([on, log1mexp(torch.logsumexp(on, -1)).unsqueeze(-1)], -1)
 
 

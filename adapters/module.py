@@ -10,7 +10,8 @@ Each step, on a batch [pos; neg] of pairs:
      terms; the two losses are summed. A kind with per-example coefficients runs both signs in
      one forward pass of 4B rows, the others one pass per sign at one |c| per step;
   3. with behaviour terms on, ``behaviour.batch_size`` prompts (each with its y_h and y_d, half
-     of them at +|c| and half at -|c|) give the preference and distillation terms, and
+     of them at +|c| and half at -|c|; a prompt's two completions share one row, the prompt
+     computed once, ``behaviour.pack``) give the preference and distillation terms, and
      ``behaviour.neutral_batch`` neutral passages (signed the same way) give the KL barrier
      against the base model's log-probs: its output layer on the final hidden states of each
      passage, kept for the run (one no-grad pass per chunk of passages, not one per step).
@@ -20,8 +21,10 @@ start, after every validation and at fit end.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from typing import Callable
 
 import lightning as L
 import torch
@@ -29,13 +32,27 @@ import torch
 from . import behaviour as bh
 from . import hidden
 from .loss import (completion_logprobs, contrastive_loss, distill_target, distill_terms, kl_barrier, masked_mean,
-                   preference_terms, project, sequence_logprob, support_logprobs, token_nll)
+                   preference_terms, project, support_logprobs, token_nll)
 from .config import BehaviourConfig, LossConfig, TrainConfig
 from .models import BaseChecksum
+from .quiet import log
 from .steer import steer
 
 COEFFS = (1.0, -1.0)  # the two signs every step trains
 NEUTRAL_CHUNK = 8  # neutral passages whose base states one no-grad pass computes (``_neutral_chunk``)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode (no dropout, and no draw from the random stream) for the block, every
+    module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +130,7 @@ class ContrastiveModule(L.LightningModule):
         self.base_cache = BaseCache(self.layers)
         self._neutral_states: dict[int, torch.Tensor] | None = {}
         self._val_cache: dict[bytes, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._packing: bool | None = None  # behaviour rows packed one per prompt (None: not yet compared)
         if base_cache:
             self.base_cache.load_state_tensors(base_cache)
 
@@ -227,21 +245,68 @@ class ContrastiveModule(L.LightningModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         return picks[rank::world], signed[rank::world]
 
-    def _logprobs_at(self, ids, attn, c_rows: torch.Tensor, keep: int) -> torch.Tensor:
-        """Log-probs (R, keep-1, V) over the last keep-1 positions, row r run at coefficient
-        c_rows[r]: one pass with per-row coefficients, or one pass per distinct value."""
+    def _logits_at(self, inputs: dict[str, torch.Tensor], c_rows: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits (R, keep, V) at the last ``keep`` positions of ``inputs`` (input_ids, attention_mask
+        and maybe position_ids, R rows), row r run at coefficient c_rows[r]: one pass with per-row
+        coefficients, or one pass per distinct value."""
         if self.adapter.per_example:
             with steer(self.model, c_rows):
-                return completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
+                return self.model(**inputs, logits_to_keep=keep).logits
         out = [None] * len(c_rows)
         for c in sorted(set(c_rows.tolist())):
             rows = (c_rows == c).nonzero()[:, 0]
             with steer(self.model, c):
-                lp = completion_logprobs(self.model(input_ids=ids[rows], attention_mask=attn[rows],
-                                                    logits_to_keep=keep).logits)
+                logits = self.model(**{k: v[rows] for k, v in inputs.items()}, logits_to_keep=keep).logits
             for k, r in enumerate(rows.tolist()):
-                out[r] = lp[k]
+                out[r] = logits[k]
         return torch.stack(out)
+
+    def _behaviour_logprobs(self, b: dict[str, torch.Tensor], packed: dict | None,
+                            c: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The step's 2m completions, each prompt's two at its coefficient c (m,), as ``at``: token
+        ids (2m, K-1, X) -> their log-probs (2m, K-1, X) at ``collate``'s completion positions. From
+        one row per prompt (``behaviour.pack``) once a first no-grad comparison finds it equal to
+        one row per completion, else from one row per completion."""
+        if packed is not None and self._packing is None:
+            self._packing = self._packing_agrees(b, packed, c)
+        if packed is None or not self._packing:
+            logp = completion_logprobs(self._logits_at({k: b[k] for k in ("input_ids", "attention_mask")},
+                                                       c.repeat_interleave(2), b["mask"].shape[1] + 1))
+            return lambda tokens: logp.gather(-1, tokens)
+        logits = self._logits_at({"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+                                  "attention_mask": self._attention_mask(packed["allowed"])}, c, packed["keep"])
+        logp = completion_logprobs(logits)  # (m, keep - 1, V): the last position predicts nothing
+        rows = torch.arange(len(c), device=c.device).repeat_interleave(2)[:, None, None]
+        pos = packed["pick"][..., None]
+        return lambda tokens: logp[rows, pos, tokens]  # only the asked entries (not whole rows) are copied
+
+    def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` (m, T, T) as the (m, 1, T, T) mask the model's attention takes as given: as it
+        is for sdpa, additive for eager (a refused implementation fails ``_packing_agrees``)."""
+        if hidden.base_model_of(self.model).config._attn_implementation != "eager":
+            return allowed[:, None]
+        dtype = hidden.base_model_of(self.model).get_input_embeddings().weight.dtype
+        return torch.zeros(allowed[:, None].shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min)
+
+    @torch.no_grad()
+    def _packing_agrees(self, b: dict[str, torch.Tensor], packed: dict, c: torch.Tensor) -> bool:
+        """Whether the packed rows give each completion token the log-prob one row per completion
+        gives (to 1e-3 nats in fp32, 0.1 in 16-bit), in eval mode: an attention that ignores the
+        custom mask (or position ids) lets y_d see y_h and fails this."""
+        target = b["input_ids"][:, -b["mask"].shape[1]:, None]
+        got = {}
+        with _eval_mode(self.model):
+            for packing in (False, True):
+                self._packing = packing
+                got[packing] = self._behaviour_logprobs(b, packed, c)(target)[..., 0]
+        self._packing = None
+        diff = float(((got[False] - got[True]).abs() * b["mask"]).max())
+        tol = 1e-3 if hidden.base_model_of(self.model).get_input_embeddings().weight.dtype == torch.float32 else 0.1
+        if diff > tol:
+            log.info(f"behaviour terms: one row per prompt changed a completion token's log-prob by {diff:.3g} "
+                     "(the model's attention does not take a custom mask); one row per completion")
+        return diff <= tol
 
     def behaviour_terms(self, step: int) -> dict[str, torch.Tensor]:
         """Preference and distillation on this step's behaviour prompts (persona-free input), each
@@ -251,20 +316,24 @@ class ContrastiveModule(L.LightningModule):
         if any(self.behaviour[j] is None for j in picks):
             raise TrainingError(f"step {step} draws behaviour prompts that were not prepared (behaviour.prepare "
                                 "prepares those that train.seed, train.steps and behaviour.batch_size draw)")
-        b = bh.collate([it for j in picks for it in self.behaviour[j]], self.pad_id)  # rows y_h0, y_d0, y_h1, ...
-        b = {k: v.to(device) for k, v in b.items()}
+        items = [it for j in picks for it in self.behaviour[j]]  # y_h0, y_d0, y_h1, ...
+        b = {k: v.to(device) for k, v in bh.collate(items, self.pad_id).items()}
+        packed = bh.pack(items, self.pad_id) if self._packing is not False else None
+        if packed is not None:
+            packed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
         c = torch.tensor(cs, device=device)  # (m,) per prompt
         c_rows = c.repeat_interleave(2)  # (2m,) both completions of a prompt
-        logp = self._logprobs_at(b["input_ids"], b["attention_mask"], c_rows, b["mask"].shape[1] + 1)
+        at = self._behaviour_logprobs(b, packed, c)
         out = {}
         if self.loss_cfg.w_pref > 0:
-            seq = sequence_logprob(logp, b["input_ids"], b["mask"]).view(-1, 2)  # (m, h/d)
+            tok = at(b["input_ids"][:, -b["mask"].shape[1]:, None])[..., 0]  # (2m, K-1)
+            seq = (tok * b["mask"]).sum(1).view(-1, 2)  # (m, h/d)
             ref = (b["tok_lp0"] * b["mask"]).sum(1).view(-1, 2)
             out.update(preference_terms(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], c,
                                         self.loss_cfg.pref_beta, self.loss_cfg.pref_gamma))
         if self.loss_cfg.w_distill > 0:
             target = distill_target(b["lp"], b["rest"], c_rows, self.loss_cfg.distill_target)
-            out.update(distill_terms(support_logprobs(logp, b["idx"]), target, b["mask"]))
+            out.update(distill_terms(support_logprobs(at(b["idx"])), target, b["mask"]))
         return out
 
     def neutral_terms(self, step: int) -> dict[str, torch.Tensor]:
@@ -276,7 +345,8 @@ class ContrastiveModule(L.LightningModule):
         if base is None:  # a model whose logits are not its output layer's
             with torch.no_grad(), steer(self.model, 0.0):
                 base = completion_logprobs(self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits)
-        logp = self._logprobs_at(ids, attn, torch.tensor(cs, device=ids.device), keep)
+        logp = completion_logprobs(self._logits_at({"input_ids": ids, "attention_mask": attn},
+                                                   torch.tensor(cs, device=ids.device), keep))
         return kl_barrier(logp, base, mask[:, -(keep - 1):], self.loss_cfg.kl_margin)
 
     def _neutral_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -302,17 +372,12 @@ class ContrastiveModule(L.LightningModule):
             return
         name = next(n for n, m in hidden.base_model_of(self.model).named_modules() if m is head)
         got = {}
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()  # no dropout: the same states whenever a chunk is first drawn
-        try:
-            with (torch.no_grad(), steer(self.model, 0.0),
-                  hidden.hooks(self.model, {name: lambda h: got.__setitem__("h", h.detach())}, on="input")):
-                logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
-                h = got.get("h")
-                exact = h is not None and h.shape[:2] == logits.shape[:2] and torch.equal(head(h), logits)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        # eval mode, no dropout: the same states whenever a chunk is first drawn
+        with (_eval_mode(self.model), torch.no_grad(), steer(self.model, 0.0),
+              hidden.hooks(self.model, {name: lambda h: got.__setitem__("h", h.detach())}, on="input")):
+            logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+            h = got.get("h")
+            exact = h is not None and h.shape[:2] == logits.shape[:2] and torch.equal(head(h), logits)
         if not exact:
             self._neutral_states = None
             return

@@ -56,7 +56,7 @@ def test_distillation_target_at_zero_is_the_base_distribution():
     assert torch.allclose(t0, base, atol=1e-6)
     assert torch.allclose(t0.exp().sum(-1), torch.ones(3, 4), atol=1e-5)
     # the base model itself as the student: zero loss
-    student = support_logprobs(full[0], idx)
+    student = support_logprobs(full[0].gather(-1, idx))
     mask = torch.ones(3, 4, dtype=torch.bool)
     assert distill_terms(student, t0, mask)["distill"].item() == pytest.approx(0.0, abs=1e-5)
 
@@ -251,9 +251,110 @@ def test_terms_at_init(tiny, tiny_directions):
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        logits_to_keep=b["mask"].shape[1] + 1).logits
-    student = support_logprobs(torch.log_softmax(logits[:, :-1].float(), -1), b["idx"])
+    student = support_logprobs(torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, b["idx"]))
     zero = distill_terms(student, distill_target(b["lp"], b["rest"], torch.zeros(6)), b["mask"])
     assert zero["distill"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind,attn", [("lora", "sdpa"), ("additive", "sdpa"), ("road", "sdpa"), ("lora", "eager")])
+def test_packed_behaviour_rows_give_each_completion_its_own_rows_log_probs_and_gradients(tiny, tiny_directions, kind,
+                                                                                         attn):
+    """A prompt's two completions in one row (``behaviour.pack``: y_d masked from y_h, positions
+    continued from the prompt) give the behaviour terms and their gradients of one row per
+    completion (fp32), in one pass of a row per prompt."""
+    from conftest import randomize, tiny_adapter_cfg
+
+    from adapters.models import BaseChecksum
+    from adapters.module import ContrastiveModule
+    from adapters.tuners import attach
+
+    model, tok = tiny
+    hidden.base_model_of(model).config._attn_implementation = attn
+    p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}", o) for q, o in
+         (("Why?", ""), ("How do tides work in a long bay?", "Tides"), ("Hi!", ""), ("Name a colour.", ""))]
+    comps = bh.Completions(p, [" a b c", " rise twice a day", " f", " red and green"],
+                           [" g h", " i j k", " l m n o p", " blue"])
+    items = bh.teacher(model, tok, comps, 8, log=lambda *_: None)
+    model, adapter = attach(model, tiny_adapter_cfg(kind), tiny_directions)
+    randomize(adapter, std=0.2)
+    loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=0.0, coeffs=[0.5, 2.0])
+    system = ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),
+                               behaviour=items, behaviour_cfg=BehaviourConfig(batch_size=4), pad_id=tok.pad_token_id)
+    rows = []
+    handle = hidden.decoder_layers(model)[0].register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    try:
+        got = {}
+        for packing in (False, True):
+            system._packing = packing
+            rows.clear()
+            adapter.zero_grad() if hasattr(adapter, "zero_grad") else None
+            params = list(adapter.trainable_parameters())
+            for q in params:
+                q.grad = None
+            t = system.behaviour_terms(3)
+            (t["pref"] + t["distill"]).backward()
+            got[packing] = ({k: v.detach() for k, v in t.items()}, [q.grad.clone() for q in params], list(rows))
+    finally:
+        handle.remove()
+    (one, g_one, r_one), (packed, g_packed, r_packed) = got[False], got[True]
+    assert sum(r_packed) * 2 == sum(r_one)  # a row per prompt instead of one per completion
+    for k in one:
+        torch.testing.assert_close(packed[k], one[k], atol=2e-5, rtol=1e-4)
+    for a, b in zip(g_packed, g_one):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
+
+
+def test_packing_is_compared_once_and_refused_where_the_attention_ignores_the_mask(tiny, tiny_directions, monkeypatch):
+    """The first behaviour step compares packed rows with one row per completion; a model whose
+    attention ignores the custom mask (here: the mask dropped, so y_d sees y_h) keeps one row per
+    completion for the run, with the same terms as without packing."""
+    from conftest import randomize, tiny_adapter_cfg
+
+    from adapters.models import BaseChecksum
+    from adapters.module import ContrastiveModule
+    from adapters.tuners import attach
+
+    model, tok = tiny
+    p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}") for q in ("Why?", "How do tides work?")]
+    items = bh.teacher(model, tok, bh.Completions(p, [" a b c", " d e"], [" g h", " i j k"]), 8, log=lambda *_: None)
+    model, adapter = attach(model, tiny_adapter_cfg("lora"), tiny_directions)
+    randomize(adapter, std=0.2)
+    loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=0.0, coeffs=[1.0])
+    make = lambda: ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),  # noqa: E731
+                                     behaviour=items, behaviour_cfg=BehaviourConfig(batch_size=2),
+                                     pad_id=tok.pad_token_id)
+    fine = make()
+    want = fine.behaviour_terms(0)
+    assert fine._packing is True
+    broken = make()
+    monkeypatch.setattr(broken, "_attention_mask", lambda allowed: None)
+    got = broken.behaviour_terms(0)
+    assert broken._packing is False
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+    calls = []
+    monkeypatch.setattr(bh, "pack", lambda *a: calls.append(1))
+    broken.behaviour_terms(1)
+    assert calls == []  # refused once: not packed again
+
+
+def test_pack_lays_out_each_prompt_once_with_both_completions():
+    def item(ids, n):
+        return bh.Item(ids, n, torch.zeros(n), torch.zeros(n, 2, dtype=torch.long), torch.zeros(3, n, 2),
+                       torch.zeros(3, n))
+
+    packed = bh.pack([item([5, 6, 7, 1, 2], 2), item([5, 6, 7, 3], 1), item([8, 9, 4], 1), item([8, 9, 3, 3], 2)],
+                     pad_id=0)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 1, 2, 3], [0, 8, 9, 4, 3, 3]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 0, 1, 2, 2, 3]]
+    assert packed["allowed"][0, 5].int().tolist() == [1, 1, 1, 0, 0, 1]  # y_d: the prompt and itself, not y_h
+    assert packed["allowed"][1, 0].int().tolist() == [1, 0, 0, 0, 0, 0]  # padding: only itself
+    assert packed["allowed"][1, 5].int().tolist() == [0, 1, 1, 0, 1, 1]
+    assert packed["allowed"][1, 3].int().tolist() == [0, 1, 1, 1, 0, 0]  # y_h: causal
+    assert packed["keep"] == 4  # positions 2..5: from the last prompt token of the longest pair
+    # for collate's K - 1 = 2 right-aligned slots per completion, the kept position predicting it
+    assert packed["pick"].tolist() == [[0, 1], [0, 0], [0, 0], [0, 2]]
+    assert bh.pack([item([5, 6, 1], 1), item([5, 7, 1], 1)], pad_id=0) is None  # different prompts
 
 
 @pytest.mark.parametrize("model_kind", ["plain", "rescaled", "no_output_layer"])
