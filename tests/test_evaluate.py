@@ -24,7 +24,7 @@ from adapters.evaluate.scoring import NonFiniteOutputs, probe_scores
 from adapters.evaluate import sweep
 from adapters.evaluate.sweep import run_sweep, score_method
 from adapters.probes import ContinuationProbe, Probe, load_probe
-from adapters import pipeline
+from adapters import hidden, pipeline
 from conftest import attach_random, make_pairs, tiny_config
 
 # --------------------------------------------------------------------------- metrics
@@ -133,10 +133,10 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
         return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))},
                 np.array([2.0 + dnll(c) for c in cs]))
 
-    calls = []
+    calls, passes = [], []
     monkeypatch.setattr(sweep, "score_method", fake_score)
-    monkeypatch.setattr(sweep, "_neutral_dnll",
-                        lambda model, tok, m, neutral, c, base, bs, store=None: calls.append(c) or dnll(c))
+    monkeypatch.setattr(sweep, "_neutral_dnlls", lambda model, tok, m, neutral, cs, base, bs, store=None:
+                        passes.append(list(cs)) or [calls.append(c) or dnll(c) for c in cs])
     monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
     probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=4, shift_reach=4.0)
@@ -147,6 +147,7 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
     assert 0.9 * 0.015 <= -s["m"]["c_down"] <= 0.015 * (1 + 1e-9)
     assert len([c for c in calls if c > 0]) <= 4 and len([c for c in calls if c < 0]) <= 4
     assert max(calls) <= 16.0  # within shift_reach x the grid's largest |c|
+    assert [sorted(c > 0 for c in cs) for cs in passes[:2]] == [[False, True]] * 2  # both directions, one pass
     search = [r for r in rep.rows if r.get("search")]
     assert search and all(r["method"] == "m" for r in search) and len(calls) == len(search)
     assert s["m"]["slope"] == pytest.approx(1.0) and s["m"]["r2"] == pytest.approx(1.0)  # grid rows only (|c| <= 2)
@@ -165,7 +166,8 @@ def test_the_budget_search_stops_where_the_outputs_break(monkeypatch):
         return ({"p": np.stack([cs, cs], 1)}, {"p": np.ones((len(cs), 2))}, np.array([2.0 + dnll(c) for c in cs]))
 
     monkeypatch.setattr(sweep, "score_method", fake_score)
-    monkeypatch.setattr(sweep, "_neutral_dnll", lambda model, tok, m, neutral, c, base, bs, store=None: dnll(c))
+    monkeypatch.setattr(sweep, "_neutral_dnlls",
+                        lambda model, tok, m, neutral, cs, base, bs, store=None: [dnll(c) for c in cs])
     monkeypatch.setattr(sweep, "neutral_texts", lambda *a: ["x"])
     probe = Probe("p", ["u"] * 2, [""] * 2, [[1]] * 2, [[2]] * 2)
     cfg = EvalConfig(coeffs=coeffs, n_boot=10, shift_search=6, shift_reach=4.0)
@@ -191,6 +193,31 @@ def test_the_sweep_names_the_coefficient_where_outputs_are_not_finite(tiny):
                                                         r"-4, \+4; sweep smaller coefficients"):
         run_sweep(model, tok, [m], [_probe(tok)], EvalConfig(coeffs=m.coeffs, n_boot=10),
                            log=lambda *_: None)
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_the_searchs_coefficients_in_one_pass_equal_one_pass_each(tiny, with_store):
+    """The budget search's ΔNLL at both directions' coefficients in the same passes (the layers
+    below the method's first steered layer once per paragraph, or from the base row's kept
+    states) equals one pass per coefficient; where one of them breaks the outputs, that one is inf
+    and the other keeps its value."""
+    model, tok = tiny
+    neutral = ["A short neutral paragraph about rivers.", "Trees grow slowly.", "Bread rises in a warm kitchen."]
+    model, _ = attach_random(model, "lora", std=0.3, depth=[0.5, 1.0])
+    m = adapter_method(model, [-1.0, 0.0, 1.0])
+    store = sweep.base_row(model, tok, [m], [_probe(tok)], neutral, 8)[1] if with_store else None
+    one = [sweep._neutral_dnlls(model, tok, m, neutral, [c], 2.0, 2, store)[0] for c in (1.7, -0.6)]
+    rows = []
+    layer0 = hidden.decoder_layers(model)[0].register_forward_hook(lambda _m, a, _o: rows.append(a[0].shape[0]))
+    try:
+        both = sweep._neutral_dnlls(model, tok, m, neutral, [1.7, -0.6], 2.0, 2, store)
+    finally:
+        layer0.remove()
+    assert rows == ([1, 1] if with_store else [2, 1])  # the texts of a pass once each (kept: not at all)
+    assert both == pytest.approx(one, abs=1e-5) and one[0] != one[1]
+    huge = vector_method(model, {"model.layers.1": torch.full((model.config.hidden_size,), 1e38)}, [0.0], name="huge")
+    got = sweep._neutral_dnlls(model, tok, huge, neutral, [4.0, 1e-40], 2.0, 2)
+    assert got[0] == math.inf and math.isfinite(got[1])
 
 
 # --------------------------------------------------------------------------- batched sweeps

@@ -73,20 +73,32 @@ def score_method(model, tokenizer, m: Method, probes: list[Probe | ContinuationP
     return cat(ys), cat(masses), torch.cat(nlls).numpy() if nlls else None
 
 
-def _neutral_dnll(model, tokenizer, m: Method, neutral: list[str], c: float, base_nll: float, batch_size: int,
-                  store: hidden.PrefixStore | None = None) -> float:
-    """Neutral-text ΔNLL of method ``m`` at one coefficient (inf where the outputs are not finite:
-    the model is broken there, past any budget)."""
+def _neutral_dnlls(model, tokenizer, m: Method, neutral: list[str], cs: list[float], base_nll: float, batch_size: int,
+                   store: hidden.PrefixStore | None = None) -> list[float]:
+    """Neutral-text ΔNLL of method ``m`` at each coefficient of ``cs``, in the same passes for a
+    per-example method (inf where the outputs are not finite: the model is broken there, past any
+    budget; a pass that breaks is redone one coefficient at a time to tell which)."""
+    if not m.per_example or len(cs) == 1:
+        out = []
+        for c in cs:
+            try:
+                if m.per_example:
+                    nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
+                                      lambda rows: _per_row(model, m, rows, m.prefix, 1, store))
+                else:
+                    with m.ctx(c):
+                        nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
+            except NonFiniteOutputs:
+                out.append(math.inf)
+                continue
+            out.append(float(nll[0]) - base_nll)
+        return out
     try:
-        if m.per_example:
-            nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size,
-                              lambda cs: _per_row(model, m, cs, m.prefix, 1, store))
-        else:
-            with m.ctx(c):
-                nll = neutral_nll(model, tokenizer, neutral, [c], m.sys, batch_size)
+        nll = neutral_nll(model, tokenizer, neutral, cs, m.sys, batch_size,
+                          lambda rows: _per_row(model, m, rows, m.prefix, len(cs), store))
     except NonFiniteOutputs:
-        return math.inf
-    return float(nll[0]) - base_nll
+        return [d for c in cs for d in _neutral_dnlls(model, tokenizer, m, neutral, [c], base_nll, batch_size, store)]
+    return [float(x) - base_nll for x in nll]
 
 
 def _crossing(a1: float, d1: float, a2: float, d2: float, budget: float) -> float | None:
@@ -112,44 +124,52 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
     budget, bs = eval_cfg.shift_budget, max(1, eval_cfg.batch_size // 4)
     reach = eval_cfg.shift_reach * max(abs(c) for c in grid_dnll)
     found: dict[float, float] = {}
-
+    sides = {}  # sign -> (known: (|c|, ΔNLL) inside the budget, increasing |c|; outs: outside, the nearest last)
     for sign in (1.0, -1.0):
         side = sorted((abs(c), d) for c, d in grid_dnll.items() if c * sign > 0)
         if not side:
             continue
-        known = [(0.0, 0.0)]  # (|c|, ΔNLL) inside the budget, increasing |c|
-        outs = []  # outside it, decreasing |c| (the nearest last)
+        known, outs = [(0.0, 0.0)], []
         for a, d in side:
             if d > budget:
                 outs = [(a, d)]
                 break
             known.append((a, d))
-        for _ in range(eval_cfg.shift_search):
-            (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
-            if not outs:
-                if a1 >= reach:
-                    break
-                guess = _crossing(a0, d0, a1, d1, budget)
-                a = min(reach, 2 * a1 if guess is None else min(max(guess, 1.25 * a1), 4 * a1))
-            else:
-                ao, do = outs[-1]
-                if ao - a1 <= 0.02 * ao:
-                    break
-                if not math.isfinite(do):  # the outputs broke there: no law to fit, halve the bracket
-                    guess = None
-                elif d1 > 0:
-                    guess = _crossing(a1, d1, ao, do, budget)
-                elif len(outs) > 1:
-                    guess = _crossing(ao, do, *outs[-2], budget)
-                else:
-                    guess = ao * math.sqrt(budget / do)
-                w = ao - a1
-                a = (a1 + ao) / 2 if guess is None else min(max(guess, a1 + 0.1 * w), ao - 0.1 * w)
-            d = found[sign * a] = _neutral_dnll(model, tokenizer, m, neutral, sign * a, base_nll, bs, store)
-            if d <= budget:
-                known.append((a, d))
-            else:
-                outs.append((a, d))
+        sides[sign] = (known, outs)
+
+    def guess(known, outs) -> float | None:
+        """The next |c| to evaluate on one side (None: that side is done)."""
+        (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
+        if not outs:
+            if a1 >= reach:
+                return None
+            g = _crossing(a0, d0, a1, d1, budget)
+            return min(reach, 2 * a1 if g is None else min(max(g, 1.25 * a1), 4 * a1))
+        ao, do = outs[-1]
+        if ao - a1 <= 0.02 * ao:
+            return None
+        if not math.isfinite(do):  # the outputs broke there: no law to fit, halve the bracket
+            g = None
+        elif d1 > 0:
+            g = _crossing(a1, d1, ao, do, budget)
+        elif len(outs) > 1:
+            g = _crossing(ao, do, *outs[-2], budget)
+        else:
+            g = ao * math.sqrt(budget / do)
+        w = ao - a1
+        return (a1 + ao) / 2 if g is None else min(max(g, a1 + 0.1 * w), ao - 0.1 * w)
+
+    for _ in range(eval_cfg.shift_search):  # both directions' next coefficients in the same passes
+        todo = {sign: a for sign, (known, outs) in sides.items() if (a := guess(known, outs)) is not None}
+        if not todo:
+            break
+        cs = [sign * a for sign, a in todo.items()]
+        for (sign, a), c, d in zip(todo.items(), cs, _neutral_dnlls(model, tokenizer, m, neutral, cs, base_nll, bs,
+                                                                    store)):
+            found[c] = d
+            known, outs = sides[sign]
+            (known if d <= budget else outs).append((a, d))
+        sides = {sign: sides[sign] for sign in todo}
     return {c: d for c, d in sorted(found.items()) if c not in grid_dnll}
 
 
