@@ -470,10 +470,10 @@ def pack(items: list[Item], pad_id: int) -> dict[str, torch.Tensor] | None:
     prompt and to y_d, not to y_h, and continue the prompt's positions, so each completion's
     logits are those of its own ``collate`` row, to rounding. Returns input_ids and position_ids
     (m, T); ``allowed`` (m, T, T), True where a query may attend a key (a padding position: only
-    itself); ``keep``, the logits to keep (every row's last prompt token on); and ``pick``
-    (2m, K-1): for each of ``collate``'s completion positions, the kept position whose logits
-    predict its token (at masked positions: the last prompt token's). None when a prompt's two
-    items differ before their completions."""
+    itself); ``y_h`` (m, T), True at y_h's tokens; ``keep``, the logits to keep (every row's last
+    prompt token on); and ``pick`` (2m, K-1): for each of ``collate``'s completion positions, the
+    kept position whose logits predict its token (at masked positions: the last prompt token's).
+    None when a prompt's two items differ before their completions."""
     rows = []
     for h, d in zip(items[0::2], items[1::2]):
         prompt = h.ids[:len(h.ids) - h.n]
@@ -487,6 +487,7 @@ def pack(items: list[Item], pad_id: int) -> dict[str, torch.Tensor] | None:
     allowed = torch.eye(T, dtype=torch.bool).repeat(m, 1, 1)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     pick = torch.zeros((2 * m, K1), dtype=torch.long)
+    y_h = torch.zeros((m, T), dtype=torch.bool)
     for j, (p, a, b) in enumerate(rows):
         z, s = T - len(p) - len(a) - len(b), T - len(b)  # the first prompt and the first y_d position
         ids[j, z:] = torch.tensor(p + a + b)
@@ -494,12 +495,13 @@ def pack(items: list[Item], pad_id: int) -> dict[str, torch.Tensor] | None:
         pos[j, s:] = torch.arange(len(p), len(p) + len(b))
         allowed[j, z:, z:] = causal[z:, z:]
         allowed[j, s:, s - len(a):s] = False  # y_d does not see y_h
+        y_h[j, s - len(a):s] = True
         last = s - len(a) - 1 - (T - keep)  # the last prompt token, among the kept positions
         pick[2 * j] = last
         pick[2 * j, K1 - len(a):] = last + torch.arange(len(a))
         pick[2 * j + 1] = last
         pick[2 * j + 1, K1 - len(b) + 1:] = s - (T - keep) + torch.arange(len(b) - 1)
-    return {"input_ids": ids, "position_ids": pos, "allowed": allowed, "keep": keep, "pick": pick}
+    return {"input_ids": ids, "position_ids": pos, "allowed": allowed, "y_h": y_h, "keep": keep, "pick": pick}
 
 
 def neutral_batch(tokenizer, texts: list[str], user: str = "Write a short paragraph.") -> dict[str, torch.Tensor]:

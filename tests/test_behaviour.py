@@ -304,10 +304,13 @@ def test_packed_behaviour_rows_give_each_completion_its_own_rows_log_probs_and_g
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
 
 
-def test_packing_is_compared_once_and_refused_where_the_attention_ignores_the_mask(tiny, tiny_directions, monkeypatch):
-    """The first behaviour step compares packed rows with one row per completion; a model whose
-    attention ignores the custom mask (here: the mask dropped, so y_d sees y_h) keeps one row per
-    completion for the run, with the same terms as without packing."""
+@pytest.mark.parametrize("broken", ["mask", "positions"])
+def test_packing_is_compared_once_and_refused_where_the_model_does_not_take_the_layout(tiny, tiny_directions,
+                                                                                     monkeypatch, broken):
+    """The first behaviour step compares packed rows with one row per completion. An attention that
+    ignores the custom mask (here: the mask dropped, so y_d sees y_h) or positions that do not
+    restart y_d at the prompt's end make the run keep one row per completion, with the terms of no
+    packing; a bf16 model, whose rounding is as large as a layout change, packs."""
     from conftest import randomize, tiny_adapter_cfg
 
     from adapters.models import BaseChecksum
@@ -316,7 +319,8 @@ def test_packing_is_compared_once_and_refused_where_the_attention_ignores_the_ma
 
     model, tok = tiny
     p = [bh.BehaviourPrompt(q, f"Be honest. {q}", f"Lie. {q}") for q in ("Why?", "How do tides work?")]
-    items = bh.teacher(model, tok, bh.Completions(p, [" a b c", " d e"], [" g h", " i j k"]), 8, log=lambda *_: None)
+    items = bh.teacher(model, tok, bh.Completions(p, [" a b c d e f g h", " d e"], [" g h i j k l m", " i j k"]), 8,
+                       log=lambda *_: None)
     model, adapter = attach(model, tiny_adapter_cfg("lora"), tiny_directions)
     randomize(adapter, std=0.2)
     loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=0.0, coeffs=[1.0])
@@ -326,16 +330,26 @@ def test_packing_is_compared_once_and_refused_where_the_attention_ignores_the_ma
     fine = make()
     want = fine.behaviour_terms(0)
     assert fine._packing is True
-    broken = make()
-    monkeypatch.setattr(broken, "_attention_mask", lambda allowed: None)
-    got = broken.behaviour_terms(0)
-    assert broken._packing is False
+    broken_system = make()
+    if broken == "mask":
+        monkeypatch.setattr(broken_system, "_attention_mask", lambda allowed: None)
+    else:
+        real = bh.pack
+        monkeypatch.setattr(bh, "pack", lambda *a: {**(out := real(*a)), "position_ids": torch.cumsum(
+            out["input_ids"] != tok.pad_token_id, 1).clamp(min=1) - 1})
+    got = broken_system.behaviour_terms(0)
+    assert broken_system._packing is False
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
     calls = []
     monkeypatch.setattr(bh, "pack", lambda *a: calls.append(1))
-    broken.behaviour_terms(1)
+    broken_system.behaviour_terms(1)
     assert calls == []  # refused once: not packed again
+    monkeypatch.undo()
+    half = make()
+    half.to(torch.bfloat16)
+    half.behaviour_terms(0)
+    assert half._packing is True
 
 
 def test_pack_lays_out_each_prompt_once_with_both_completions():
@@ -354,6 +368,7 @@ def test_pack_lays_out_each_prompt_once_with_both_completions():
     assert packed["keep"] == 4  # positions 2..5: from the last prompt token of the longest pair
     # for collate's K - 1 = 2 right-aligned slots per completion, the kept position predicting it
     assert packed["pick"].tolist() == [[0, 1], [0, 0], [0, 0], [0, 2]]
+    assert packed["y_h"].int().tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
     assert bh.pack([item([5, 6, 1], 1), item([5, 7, 1], 1)], pad_id=0) is None  # different prompts
 
 
