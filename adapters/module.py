@@ -282,8 +282,8 @@ class ContrastiveModule(L.LightningModule):
 
     def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` (m, T, T) as the (m, 1, T, T) mask the model's attention takes as given: as it
-        is for sdpa, additive for eager (a refused implementation fails ``_packing_agrees``)."""
-        if hidden.base_model_of(self.model).config._attn_implementation != "eager":
+        is for sdpa, additive for eager (the two implementations ``behaviour_terms`` packs for)."""
+        if hidden.base_model_of(self.model).config._attn_implementation == "sdpa":
             return allowed[:, None]
         dtype = hidden.base_model_of(self.model).get_input_embeddings().weight.dtype
         return torch.zeros(allowed[:, None].shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -304,24 +304,32 @@ class ContrastiveModule(L.LightningModule):
         other = {**packed, "input_ids": torch.where(packed["y_h"], (packed["input_ids"] + 1) % vocab,
                                                     packed["input_ids"])}
         got = []
-        with _eval_mode(self.model):
-            for packing, rows, pack in ((False, b, None), (False, wide, None), (True, b, packed), (True, b, other)):
-                self._packing = packing
-                got.append(self._behaviour_logprobs(rows, pack, c)(target)[..., 0])
-        self._packing = None
+        try:
+            with _eval_mode(self.model):
+                for packing, rows, pack in ((False, b, None), (False, wide, None), (True, b, packed), (True, b, other)):
+                    self._packing = packing
+                    got.append(self._behaviour_logprobs(rows, pack, c)(target)[..., 0])
+        finally:
+            self._packing = None
         one, padded, both, changed = got
         mask = b["mask"]
         y_d = mask.clone()
         y_d[0::2] = False
-        leak = float(((changed - both).abs() * y_d).max())
-        diff, noise = float(((both - one).abs() * mask).max()), float(((padded - one).abs() * mask).max())
-        if leak > 1e-4:
+        most = lambda x, where: float(torch.where(where, x.abs(), 0.0).max())  # noqa: E731
+        leak, diff, noise = most(changed - both, y_d), most(both - one, mask), most(padded - one, mask)
+        ok = leak <= 1e-4 and diff <= max(1e-3, 3 * noise)
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank packs alike, or none does
+            ok = bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
+        if not math.isfinite(leak + diff + noise):
+            log.info("behaviour terms: a completion token's log-prob is not finite in the packing check; "
+                     "one row per completion")
+        elif leak > 1e-4:
             log.info(f"behaviour terms: in one row per prompt, y_d's log-probs moved by {leak:.3g} when y_h changed "
                      "(the model's attention does not take a custom mask); one row per completion")
         elif diff > max(1e-3, 3 * noise):
             log.info(f"behaviour terms: one row per prompt changed a completion token's log-prob by {diff:.3g}, "
                      f"more than 3x the {noise:.3g} of 8 more padding tokens; one row per completion")
-        return leak <= 1e-4 and diff <= max(1e-3, 3 * noise)
+        return ok
 
     def behaviour_terms(self, step: int) -> dict[str, torch.Tensor]:
         """Preference and distillation on this step's behaviour prompts (persona-free input), each
@@ -333,7 +341,8 @@ class ContrastiveModule(L.LightningModule):
                                 "prepares those that train.seed, train.steps and behaviour.batch_size draw)")
         items = [it for j in picks for it in self.behaviour[j]]  # y_h0, y_d0, y_h1, ...
         b = {k: v.to(device) for k, v in bh.collate(items, self.pad_id).items()}
-        packed = bh.pack(items, self.pad_id) if self._packing is not False else None
+        attention = hidden.base_model_of(self.model).config._attn_implementation
+        packed = bh.pack(items, self.pad_id) if self._packing is not False and attention in ("sdpa", "eager") else None
         if packed is not None:
             packed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
         c = torch.tensor(cs, device=device)  # (m,) per prompt

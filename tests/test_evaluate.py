@@ -153,6 +153,27 @@ def test_the_budget_search_finds_where_dnll_crosses_the_budget(monkeypatch):
     assert s["m"]["slope"] == pytest.approx(1.0) and s["m"]["r2"] == pytest.approx(1.0)  # grid rows only (|c| <= 2)
     assert s["prompting"]["shift_up"] == 1.0 and s["prompting"]["c_up"] == 1.0
 
+@pytest.mark.parametrize("down", ["steep", "broken"])
+def test_each_direction_of_the_budget_search_guesses_as_it_would_alone(monkeypatch, down):
+    """Both directions share passes, yet each evaluates exactly the coefficients it would
+    searched alone (its guesses depend on its own results only), whichever finishes first."""
+    dnll = lambda c: 0.005 * c * c if c >= 0 else (-10.0 * c if down == "steep" else  # noqa: E731
+                                                   (0.01 * c * c if c > -5 else math.inf))
+    passes = []
+    monkeypatch.setattr(sweep, "_neutral_dnlls", lambda model, tok, m, neutral, cs, base, bs, store=None:
+                        passes.append(list(cs)) or [dnll(c) for c in cs])
+    coeffs = [-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]
+    cfg, m = EvalConfig(coeffs=coeffs, shift_search=5, shift_reach=4.0), Method("m", coeffs, scalable=True)
+    grid = {c: dnll(c) for c in coeffs}
+    both = sweep.budget_search(None, None, m, ["x"], grid, 2.0, cfg)
+    shared = list(passes)
+    alone = {}
+    for keep in (lambda c: c >= 0, lambda c: c <= 0):
+        alone.update(sweep.budget_search(None, None, m, ["x"], {c: d for c, d in grid.items() if keep(c)}, 2.0, cfg))
+    assert both == alone and list(both) == sorted(alone)
+    assert max(len(p) for p in shared) == 2 and len(shared) < len(both)  # both directions in the same passes
+
+
 def test_the_budget_search_stops_where_the_outputs_break(monkeypatch):
     """Past c = 6 the outputs are not finite (ΔNLL inf): the search treats that as past any
     budget, brackets the break, and scores the probes only where the outputs are finite."""

@@ -78,7 +78,7 @@ def _neutral_dnlls(model, tokenizer, m: Method, neutral: list[str], cs: list[flo
     """Neutral-text ΔNLL of method ``m`` at each coefficient of ``cs``, in the same passes for a
     per-example method (inf where the outputs are not finite: the model is broken there, past any
     budget; a pass that breaks is redone one coefficient at a time to tell which)."""
-    if not m.per_example or len(cs) == 1:
+    if not m.per_example or m.system is not None or len(cs) == 1:  # (rows that differ by system prompt: one each)
         out = []
         for c in cs:
             try:
