@@ -324,9 +324,11 @@ def test_packing_is_compared_once_and_refused_where_the_model_does_not_take_the_
     model, adapter = attach(model, tiny_adapter_cfg("lora"), tiny_directions)
     randomize(adapter, std=0.2)
     loss = LossConfig(w_pref=1.0, w_distill=1.0, w_kl=0.0, coeffs=[1.0])
-    make = lambda: ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),  # noqa: E731
-                                     behaviour=items, behaviour_cfg=BehaviourConfig(batch_size=2),
-                                     pad_id=tok.pad_token_id)
+
+    def make():
+        return ContrastiveModule(model, adapter, tiny_directions, loss, TrainConfig(), BaseChecksum(model),
+                                 behaviour=items, behaviour_cfg=BehaviourConfig(batch_size=2), pad_id=tok.pad_token_id)
+
     fine = make()
     want = fine.behaviour_terms(0)
     assert fine._packing is True
