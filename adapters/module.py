@@ -261,24 +261,36 @@ class ContrastiveModule(L.LightningModule):
                 out[r] = logits[k]
         return torch.stack(out)
 
-    def _behaviour_logprobs(self, b: dict[str, torch.Tensor], packed: dict | None,
-                            c: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The step's 2m completions, each prompt's two at its coefficient c (m,), as ``at``: token
-        ids (2m, K-1, X) -> their log-probs (2m, K-1, X) at ``collate``'s completion positions. From
-        one row per prompt (``behaviour.pack``) once a first no-grad comparison finds it equal to
-        one row per completion, else from one row per completion."""
-        if packed is not None and self._packing is None:
-            self._packing = self._packing_agrees(b, packed, c)
-        if packed is None or not self._packing:
-            logp = completion_logprobs(self._logits_at({k: b[k] for k in ("input_ids", "attention_mask")},
-                                                       c.repeat_interleave(2), b["mask"].shape[1] + 1))
-            return lambda tokens: logp.gather(-1, tokens)
+    def _row_logprobs(self, b: dict[str, torch.Tensor], c: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The step's 2m completions from one row each (``collate``), each prompt's two at its
+        coefficient c (m,), as ``at``: token ids (2m, K-1, X) -> their log-probs (2m, K-1, X) at
+        ``collate``'s completion positions."""
+        logp = completion_logprobs(self._logits_at({k: b[k] for k in ("input_ids", "attention_mask")},
+                                                   c.repeat_interleave(2), b["mask"].shape[1] + 1))
+        return lambda tokens: logp.gather(-1, tokens)
+
+    def _packed_logprobs(self, packed: dict, c: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``_row_logprobs`` from one row per prompt (``behaviour.pack``)."""
         logits = self._logits_at({"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
                                   "attention_mask": self._attention_mask(packed["allowed"])}, c, packed["keep"])
         logp = completion_logprobs(logits)  # (m, keep - 1, V): the last position predicts nothing
         rows = torch.arange(len(c), device=c.device).repeat_interleave(2)[:, None, None]
         pos = packed["pick"][..., None]
         return lambda tokens: logp[rows, pos, tokens]  # only the asked entries (not whole rows) are copied
+
+    def _packed_rows(self, items: list, b: dict[str, torch.Tensor], c: torch.Tensor) -> dict | None:
+        """``behaviour.pack`` of the step's items on the model's device, or None where the run does not
+        pack: an attention implementation other than sdpa or eager (flash takes no custom mask),
+        prompts whose two items differ before their completions, or a first comparison
+        (``_packing_agrees``) that found packing unequal to one row per completion."""
+        attention = hidden.base_model_of(self.model).config._attn_implementation
+        packed = bh.pack(items, self.pad_id) if self._packing is not False and attention in ("sdpa", "eager") else None
+        if packed is None:
+            return None
+        packed = {k: v.to(b["input_ids"].device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+        if self._packing is None:
+            self._packing = self._packing_agrees(b, packed, c)
+        return packed if self._packing else None
 
     def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` (m, T, T) as the (m, 1, T, T) mask the model's attention takes as given: as it
@@ -303,15 +315,10 @@ class ContrastiveModule(L.LightningModule):
         vocab = hidden.base_model_of(self.model).get_input_embeddings().num_embeddings
         other = {**packed, "input_ids": torch.where(packed["y_h"], (packed["input_ids"] + 1) % vocab,
                                                     packed["input_ids"])}
-        got = []
-        try:
-            with _eval_mode(self.model):
-                for packing, rows, pack in ((False, b, None), (False, wide, None), (True, b, packed), (True, b, other)):
-                    self._packing = packing
-                    got.append(self._behaviour_logprobs(rows, pack, c)(target)[..., 0])
-        finally:
-            self._packing = None
-        one, padded, both, changed = got
+        with _eval_mode(self.model):
+            got = [self._row_logprobs(b, c)(target), self._row_logprobs(wide, c)(target),
+                   self._packed_logprobs(packed, c)(target), self._packed_logprobs(other, c)(target)]
+        one, padded, both, changed = (x[..., 0] for x in got)
         mask = b["mask"]
         y_d = mask.clone()
         y_d[0::2] = False
@@ -341,13 +348,10 @@ class ContrastiveModule(L.LightningModule):
                                 "prepares those that train.seed, train.steps and behaviour.batch_size draw)")
         items = [it for j in picks for it in self.behaviour[j]]  # y_h0, y_d0, y_h1, ...
         b = {k: v.to(device) for k, v in bh.collate(items, self.pad_id).items()}
-        attention = hidden.base_model_of(self.model).config._attn_implementation
-        packed = bh.pack(items, self.pad_id) if self._packing is not False and attention in ("sdpa", "eager") else None
-        if packed is not None:
-            packed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
         c = torch.tensor(cs, device=device)  # (m,) per prompt
         c_rows = c.repeat_interleave(2)  # (2m,) both completions of a prompt
-        at = self._behaviour_logprobs(b, packed, c)
+        packed = self._packed_rows(items, b, c)
+        at = self._row_logprobs(b, c) if packed is None else self._packed_logprobs(packed, c)
         out = {}
         if self.loss_cfg.w_pref > 0:
             tok = at(b["input_ids"][:, -b["mask"].shape[1]:, None])[..., 0]  # (2m, K-1)

@@ -110,6 +110,32 @@ def _crossing(a1: float, d1: float, a2: float, d2: float, budget: float) -> floa
     return a2 * (budget / d2) ** (1 / e) if e > 0 else None
 
 
+def _next_guess(known: list[tuple[float, float]], outs: list[tuple[float, float]], budget: float,
+                reach: float) -> float | None:
+    """The next |c| for ``budget_search`` to evaluate on one side, from the (|c|, ΔNLL) points found
+    inside the budget (``known``, increasing |c|) and outside it (``outs``, the nearest last);
+    None when that side is done."""
+    (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
+    if not outs:
+        if a1 >= reach:
+            return None
+        g = _crossing(a0, d0, a1, d1, budget)
+        return min(reach, 2 * a1 if g is None else min(max(g, 1.25 * a1), 4 * a1))
+    ao, do = outs[-1]
+    if ao - a1 <= 0.02 * ao:
+        return None
+    if not math.isfinite(do):  # the outputs broke there: no law to fit, halve the bracket
+        g = None
+    elif d1 > 0:
+        g = _crossing(a1, d1, ao, do, budget)
+    elif len(outs) > 1:
+        g = _crossing(ao, do, *outs[-2], budget)
+    else:
+        g = ao * math.sqrt(budget / do)
+    w = ao - a1
+    return (a1 + ao) / 2 if g is None else min(max(g, a1 + 0.1 * w), ao - 0.1 * w)
+
+
 def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: dict[float, float], base_nll: float,
                   eval_cfg: EvalConfig, store: hidden.PrefixStore | None = None) -> dict[float, float]:
     """Coefficients beyond the grid that locate, in each direction, where neutral ΔNLL crosses
@@ -137,30 +163,9 @@ def budget_search(model, tokenizer, m: Method, neutral: list[str], grid_dnll: di
             known.append((a, d))
         sides[sign] = (known, outs)
 
-    def guess(known, outs) -> float | None:
-        """The next |c| to evaluate on one side (None: that side is done)."""
-        (a0, d0), (a1, d1) = known[-2] if len(known) > 1 else known[-1], known[-1]
-        if not outs:
-            if a1 >= reach:
-                return None
-            g = _crossing(a0, d0, a1, d1, budget)
-            return min(reach, 2 * a1 if g is None else min(max(g, 1.25 * a1), 4 * a1))
-        ao, do = outs[-1]
-        if ao - a1 <= 0.02 * ao:
-            return None
-        if not math.isfinite(do):  # the outputs broke there: no law to fit, halve the bracket
-            g = None
-        elif d1 > 0:
-            g = _crossing(a1, d1, ao, do, budget)
-        elif len(outs) > 1:
-            g = _crossing(ao, do, *outs[-2], budget)
-        else:
-            g = ao * math.sqrt(budget / do)
-        w = ao - a1
-        return (a1 + ao) / 2 if g is None else min(max(g, a1 + 0.1 * w), ao - 0.1 * w)
-
     for _ in range(eval_cfg.shift_search):  # both directions' next coefficients in the same passes
-        todo = {sign: a for sign, (known, outs) in sides.items() if (a := guess(known, outs)) is not None}
+        todo = {sign: a for sign, (known, outs) in sides.items()
+                if (a := _next_guess(known, outs, budget, reach)) is not None}
         if not todo:
             break
         cs = [sign * a for sign, a in todo.items()]
